@@ -1,0 +1,26 @@
+"""Exception hierarchy for runtime faults.
+
+Configuration problems raise `ConfigError` before any work starts; faults met
+while work runs raise subclasses of `RaysysError`, chained with
+``raise ... from e`` so the original cause stays visible.
+"""
+
+
+class RaysysError(Exception):
+    """Base class of every error raysys raises on purpose."""
+
+
+class ConfigError(RaysysError, ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+class ClusterError(RaysysError):
+    """The Ray cluster could not be started, reached or stopped."""
+
+
+class RemoteTimeout(RaysysError, TimeoutError):
+    """A bounded wait on a remote result ran out."""
+
+
+class UnsatisfiableResources(RaysysError):
+    """A request asks for resources the cluster can never provide."""

@@ -1,0 +1,396 @@
+"""A local Ray cluster on one machine: a head plus N provider nodes.
+
+``raysys up`` starts a head node (no GPUs) and N worker nodes that each declare
+logical GPUs, so a laptop plays a campus of lab machines ("providers"). The
+dashboard and job API bind to 127.0.0.1 and Ray's token authentication is on
+unless the user turns it off. ``raysys down`` stops exactly the processes this
+cluster started: each node's processes carry a marker in their environment
+(``RAYSYS_CLUSTER`` and ``RAYSYS_NODE``), inherited by every worker Ray spawns
+there, so another Ray on the same machine is left alone. The same marker lets a
+single provider node vanish without warning, as a machine switched off would.
+
+The cluster's address and nodes are kept in a small JSON state file
+(``$RAYSYS_STATE_DIR`` or ``~/.raysys``), which is how ``raysys status`` and
+`raysys.runtime.init_ray` find it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from pydantic import BaseModel, Field, field_validator
+
+from raysys.runtime.config import Config
+from raysys.runtime.errors import ClusterError
+
+logger = logging.getLogger(__name__)
+
+PROVIDER_RESOURCE = "provider"
+PROVIDER_LABEL = "raysys.io/provider"
+HEAD_RESOURCE = "raysys_head"
+CLUSTER_MARKER = "RAYSYS_CLUSTER"
+NODE_MARKER = "RAYSYS_NODE"
+
+
+class LocalClusterConfig(Config):
+    """Options of ``raysys up``."""
+
+    providers: int = Field(
+        3, ge=0, le=64, description="provider nodes to start, 0 to 64"
+    )
+    gpus_per_provider: float = Field(
+        1.0, ge=0, description="logical GPUs each provider declares, >= 0"
+    )
+    cpus_per_provider: int = Field(
+        2, ge=1, description="logical CPUs per provider, >= 1"
+    )
+    head_cpus: int = Field(2, ge=1, description="logical CPUs of the head node, >= 1")
+    port: int = Field(6379, ge=1024, le=65535, description="GCS port of the head")
+    dashboard_host: str = Field(
+        "127.0.0.1", description="address the dashboard and job API bind to"
+    )
+    dashboard_port: int = Field(
+        8265, ge=1024, le=65535, description="dashboard/job API port"
+    )
+    object_store_mb: int = Field(
+        512, ge=80, description="object store per node in MiB, >= 80"
+    )
+    auth: bool = Field(True, description="Ray token authentication (on by default)")
+
+    @field_validator("dashboard_host")
+    @classmethod
+    def _host_is_ip(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError as e:
+            raise ValueError(
+                "must be an IP address such as 127.0.0.1 or 0.0.0.0"
+            ) from e
+        return value
+
+
+class NodeRecord(BaseModel):
+    """One node this cluster started."""
+
+    name: str
+    kind: str  # "head" or "provider"
+    num_gpus: float = 0.0
+    num_cpus: int = 0
+    marker: str
+
+
+class ClusterState(BaseModel):
+    """What ``raysys up`` records about the cluster it started."""
+
+    cluster_id: str
+    gcs_address: str
+    dashboard_url: str
+    auth: bool
+    started_at: float
+    nodes: list[NodeRecord] = Field(default_factory=list)
+
+    def provider(self, name: str) -> NodeRecord | None:
+        return next(
+            (n for n in self.nodes if n.kind == "provider" and n.name == name), None
+        )
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("RAYSYS_STATE_DIR", Path.home() / ".raysys"))
+
+
+def state_path() -> Path:
+    return state_dir() / "local-cluster.json"
+
+
+def read_state() -> ClusterState | None:
+    path = state_path()
+    if not path.is_file():
+        return None
+    try:
+        return ClusterState.model_validate_json(path.read_text())
+    except ValueError:
+        logger.warning("ignoring unreadable cluster state file %s", path)
+        return None
+
+
+def write_state(state: ClusterState) -> None:
+    path = state_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(state.model_dump_json(indent=2))
+    os.replace(tmp, path)
+
+
+def _port_open(address: str, timeout_s: float = 1.0) -> bool:
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def running_cluster() -> ClusterState | None:
+    """The recorded local cluster if its head still answers, else None."""
+    state = read_state()
+    if state is None or not _port_open(state.gcs_address):
+        return None
+    return state
+
+
+def ray_executable() -> str:
+    local = Path(sys.executable).parent / "ray"
+    if local.exists():
+        return str(local)
+    found = shutil.which("ray")
+    if found is None:
+        raise ClusterError(
+            "the `ray` command is not installed; run `pip install 'ray[default]'`"
+        )
+    return found
+
+
+def _node_env(cluster_id: str, node_name: str, auth: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    env[CLUSTER_MARKER] = cluster_id
+    env[NODE_MARKER] = f"{cluster_id}/{node_name}"
+    env["RAY_AUTH_MODE"] = "token" if auth else "disabled"
+    env.pop("RAY_ADDRESS", None)
+    # Job entrypoints say `python ...`: make that the interpreter raysys runs in.
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
+    return env
+
+
+def _run_ray_start(args: list[str], env: dict[str, str], what: str) -> None:
+    cmd = [ray_executable(), "start", "--disable-usage-stats", *args]
+    logger.info("starting %s: %s", what, " ".join(cmd))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise ClusterError(
+            f"`ray start` for {what} failed (exit {proc.returncode}):\n{tail}"
+        )
+
+
+def ensure_auth_token() -> None:
+    """Create Ray's default token file (~/.ray/auth_token) if it does not exist."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    if (Path.home() / ".ray" / "auth_token").is_file():
+        return
+    subprocess.run(
+        [ray_executable(), "get-auth-token", "--generate"],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "RAY_AUTH_MODE": "token"},
+    )
+
+
+def start_provider_node(
+    gcs_address: str,
+    name: str,
+    *,
+    num_gpus: float,
+    num_cpus: int,
+    cluster_id: str,
+    auth: bool,
+    object_store_mb: int = 512,
+    node_ip: str | None = "127.0.0.1",
+) -> NodeRecord:
+    """Start one provider node: a Ray worker node lending ``num_gpus`` GPUs.
+
+    It carries the ``provider`` resource (its GPU count, at least 1), a
+    ``provider:<name>`` resource so work can be pinned to it, and the label
+    ``raysys.io/provider=<name>``.
+    """
+    resources = {
+        PROVIDER_RESOURCE: max(num_gpus, 1.0),
+        f"{PROVIDER_RESOURCE}:{name}": 1.0,
+    }
+    args = [
+        f"--address={gcs_address}",
+        f"--num-cpus={num_cpus}",
+        f"--num-gpus={num_gpus:g}",
+        f"--resources={json.dumps(resources)}",
+        f"--labels={PROVIDER_LABEL}={name}",
+        f"--object-store-memory={object_store_mb * 1024 * 1024}",
+    ]
+    if node_ip:
+        args.append(f"--node-ip-address={node_ip}")
+    _run_ray_start(args, _node_env(cluster_id, name, auth), f"provider {name!r}")
+    return NodeRecord(
+        name=name,
+        kind="provider",
+        num_gpus=num_gpus,
+        num_cpus=num_cpus,
+        marker=f"{cluster_id}/{name}",
+    )
+
+
+def up(cfg: LocalClusterConfig) -> ClusterState:
+    """Start a head and ``cfg.providers`` provider nodes; record the cluster.
+
+    Raises:
+        ClusterError: a cluster is already running, or a node failed to start.
+    """
+    existing = running_cluster()
+    if existing is not None:
+        raise ClusterError(
+            f"a local cluster is already running at {existing.gcs_address}; "
+            "run `raysys down` first"
+        )
+    loopback = ipaddress.ip_address(cfg.dashboard_host).is_loopback
+    if not loopback and not cfg.auth:
+        logger.warning(
+            "the dashboard and job API bind to %s with authentication OFF: anyone who "
+            "reaches this address can run code on every node",
+            cfg.dashboard_host,
+        )
+    if cfg.auth:
+        ensure_auth_token()
+    cluster_id = uuid.uuid4().hex[:12]
+    node_ip = "127.0.0.1" if loopback else None
+    gcs_address = f"{node_ip or _primary_ip()}:{cfg.port}"
+    head_args = [
+        "--head",
+        f"--port={cfg.port}",
+        f"--num-cpus={cfg.head_cpus}",
+        "--num-gpus=0",
+        f"--resources={json.dumps({HEAD_RESOURCE: 1})}",
+        "--include-dashboard=true",
+        f"--dashboard-host={cfg.dashboard_host}",
+        f"--dashboard-port={cfg.dashboard_port}",
+        f"--object-store-memory={cfg.object_store_mb * 1024 * 1024}",
+    ]
+    if node_ip:
+        head_args.append(f"--node-ip-address={node_ip}")
+    state = ClusterState(
+        cluster_id=cluster_id,
+        gcs_address=gcs_address,
+        dashboard_url=f"http://{_url_host(cfg.dashboard_host)}:{cfg.dashboard_port}",
+        auth=cfg.auth,
+        started_at=time.time(),
+        nodes=[
+            NodeRecord(
+                name="head",
+                kind="head",
+                num_cpus=cfg.head_cpus,
+                marker=f"{cluster_id}/head",
+            )
+        ],
+    )
+    try:
+        _run_ray_start(
+            head_args, _node_env(cluster_id, "head", cfg.auth), "the head node"
+        )
+        write_state(state)
+        for i in range(cfg.providers):
+            record = start_provider_node(
+                gcs_address,
+                f"provider-{i}",
+                num_gpus=cfg.gpus_per_provider,
+                num_cpus=cfg.cpus_per_provider,
+                cluster_id=cluster_id,
+                auth=cfg.auth,
+                object_store_mb=cfg.object_store_mb,
+                node_ip=node_ip,
+            )
+            state.nodes.append(record)
+            write_state(state)
+    except Exception:
+        logger.error("cluster start failed; stopping what was started")
+        kill_marked(CLUSTER_MARKER, cluster_id)
+        state_path().unlink(missing_ok=True)
+        raise
+    return state
+
+
+def _primary_ip() -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+def _url_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
+
+
+def _marked_pids(key: str, value: str) -> list[int]:
+    """Pids whose environment holds ``key=value`` (Linux /proc)."""
+    needle = f"{key}={value}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0"):
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_marked(key: str, value: str, grace_s: float = 5.0) -> int:
+    """SIGTERM, then SIGKILL after ``grace_s``, every process marked ``key=value``."""
+    if not Path("/proc").is_dir():
+        raise ClusterError("stopping a single raysys cluster needs /proc (Linux)")
+    pids = _marked_pids(key, value)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 2.0)
+        while time.monotonic() < deadline:
+            pids = [
+                p for p in pids if Path(f"/proc/{p}").exists() and not _is_zombie(p)
+            ]
+            if not pids:
+                break
+            time.sleep(0.1)
+        if not pids:
+            break
+    return len(pids)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+
+
+def kill_node(state: ClusterState, name: str) -> None:
+    """Stop one node's processes at once, as a machine switched off would vanish."""
+    kill_marked(NODE_MARKER, f"{state.cluster_id}/{name}", grace_s=0.0)
+    state.nodes = [n for n in state.nodes if n.name != name]
+    write_state(state)
+
+
+def down() -> bool:
+    """Stop the recorded local cluster; returns False when none was recorded."""
+    state = read_state()
+    if state is None:
+        return False
+    for node in reversed(state.nodes):
+        kill_marked(NODE_MARKER, node.marker, grace_s=3.0)
+    kill_marked(CLUSTER_MARKER, state.cluster_id)
+    state_path().unlink(missing_ok=True)
+    return True

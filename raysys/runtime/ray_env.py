@@ -1,0 +1,147 @@
+"""Connect to Ray, or start it, and wait on remote results with a bound.
+
+`init_ray` picks the cluster in this order:
+
+1. ``RAY_ADDRESS`` when set (``ray job submit`` sets it for the job's driver);
+2. the local cluster ``raysys up`` started, when its state file says it runs;
+3. otherwise an embedded local Ray for this process alone, with token
+   authentication on and no dashboard.
+
+Plain ``ray.init()`` would silently join whatever cluster ``ray start`` left on
+the machine; the explicit order above never does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from raysys.runtime.errors import ClusterError, RemoteTimeout
+
+logger = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+# Never shipped with a job: history, environments, caches, outputs and data.
+RUNTIME_ENV_EXCLUDES = [
+    ".git",
+    ".venv",
+    "venv",
+    "**/__pycache__",
+    "*.pyc",
+    "*.egg-info",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".whl",
+    ".gl",
+    "out",
+    "runs",
+    "data",
+    "shared",
+]
+
+
+def project_runtime_env(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A runtime_env that ships this project's source (not .git, venvs or data)."""
+    env: dict[str, Any] = {
+        "working_dir": str(PROJECT_ROOT),
+        "excludes": list(RUNTIME_ENV_EXCLUDES),
+    }
+    env.update(extra or {})
+    return env
+
+
+def enable_token_auth() -> None:
+    """Turn on Ray's token authentication for this process and its children.
+
+    Ray reads ``RAY_AUTH_MODE`` once into its cached config, so setting the
+    variable after ``import ray`` is not enough: the cache is refreshed too. The
+    token itself comes from ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
+    ``~/.ray/auth_token``.
+    """
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:
+        from ray._raylet import Config as _RayConfig
+
+        _RayConfig.initialize("")
+    except (ImportError, AttributeError):  # older Ray: the variable alone is read
+        pass
+
+
+def init_ray(
+    *,
+    namespace: str = "raysys",
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    resources: dict[str, float] | None = None,
+    object_store_memory: int | None = None,
+) -> str:
+    """Connect to the cluster this process should use and return how.
+
+    Returns:
+        ``"initialized"`` when Ray was already up in this process, ``"address"``
+        for ``RAY_ADDRESS``, ``"local-cluster"`` for the one ``raysys up``
+        started, or ``"embedded"`` for a private local Ray.
+
+    Raises:
+        ClusterError: the address is set but cannot be reached.
+    """
+    if ray.is_initialized():
+        return "initialized"
+    address = os.environ.get("RAY_ADDRESS")
+    mode = "address"
+    if not address:
+        from raysys.runtime.local_cluster import running_cluster
+
+        state = running_cluster()
+        if state is not None:
+            address, mode = state.gcs_address, "local-cluster"
+            if state.auth and os.environ.get("RAY_AUTH_MODE") != "disabled":
+                enable_token_auth()
+    try:
+        if address:
+            logger.info("connecting to Ray at %s (%s)", address, mode)
+            ray.init(address=address, namespace=namespace, log_to_driver=True)
+            return mode
+        if os.environ.get("RAY_AUTH_MODE") != "disabled":
+            enable_token_auth()
+        logger.info("starting an embedded local Ray (no cluster address set)")
+        ray.init(
+            address="local",
+            namespace=namespace,
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            resources=resources,
+            object_store_memory=object_store_memory,
+            include_dashboard=False,
+        )
+        return "embedded"
+    except (ConnectionError, RuntimeError) as e:
+        raise ClusterError(f"could not reach Ray at {address or 'local'}: {e}") from e
+
+
+def bounded_get(refs: Any, timeout_s: float, what: str) -> Any:
+    """``ray.get`` that gives up after ``timeout_s`` seconds.
+
+    Raises:
+        RemoteTimeout: the result did not arrive in time; ``what`` names it.
+    """
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError as e:
+        raise RemoteTimeout(f"{what} did not answer within {timeout_s:g} s") from e
+
+
+def cluster_gpus() -> float:
+    """Total GPUs the connected cluster declares (logical ones included)."""
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def alive_node_ids() -> Sequence[str]:
+    """Hex ids of the nodes Ray currently considers alive."""
+    return [n["NodeID"] for n in ray.nodes() if n.get("Alive")]

@@ -1,0 +1,67 @@
+"""Test fixtures shared by the whole suite.
+
+One Ray instance serves the whole test session: a `ray.cluster_utils.Cluster`
+with a head node, to which tests that need providers (nodes declaring logical
+GPUs) add nodes and remove them again. Starting Ray once keeps the suite fast
+on two cores.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Never let a test join a cluster the developer started with `raysys up`.
+os.environ["RAYSYS_STATE_DIR"] = tempfile.mkdtemp(prefix="raysys-test-state-")
+os.environ.pop("RAY_ADDRESS", None)
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_data(relative: str) -> Path:
+    """A file from the shared real-data folder, or skip the test when it is absent."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"real input {relative} is not present at {SHARED_DATA}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[object]:
+    """The session's Ray cluster: a head with 4 logical CPUs, no GPUs."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        connect=True,
+        head_node_args={
+            "num_cpus": 4,
+            "num_gpus": 0,
+            "resources": {"raysys_head": 1},
+            "object_store_memory": 256 * 1024 * 1024,
+        },
+    )
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def add_provider(cluster, name: str, num_gpus: float = 1.0, num_cpus: int = 2):
+    """Add a provider node (logical GPUs, provider resource and label) to ``cluster``."""
+    from raysys.runtime.local_cluster import PROVIDER_LABEL, PROVIDER_RESOURCE
+
+    return cluster.add_node(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        resources={
+            PROVIDER_RESOURCE: max(num_gpus, 1.0),
+            f"{PROVIDER_RESOURCE}:{name}": 1.0,
+        },
+        labels={PROVIDER_LABEL: name},
+        object_store_memory=128 * 1024 * 1024,
+    )
