@@ -44,6 +44,7 @@ def ray_cluster() -> Iterator[object]:
             "num_gpus": 0,
             "resources": {"raysys_head": 1},
             "object_store_memory": 256 * 1024 * 1024,
+            "include_dashboard": False,
         },
     )
     yield cluster
@@ -51,17 +52,33 @@ def ray_cluster() -> Iterator[object]:
     cluster.shutdown()
 
 
-def add_provider(cluster, name: str, num_gpus: float = 1.0, num_cpus: int = 2):
-    """Add a provider node (logical GPUs, provider resource and label) to ``cluster``."""
+@pytest.fixture
+def add_provider(ray_cluster):
+    """Add provider nodes to the session cluster; they are removed after the test.
+
+    ``add_provider(name, num_gpus=1.0, num_cpus=2)`` returns the node handle, which
+    ``ray_cluster.remove_node(node)`` takes away without warning.
+    """
     from raysys.runtime.local_cluster import PROVIDER_LABEL, PROVIDER_RESOURCE
 
-    return cluster.add_node(
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        resources={
-            PROVIDER_RESOURCE: max(num_gpus, 1.0),
-            f"{PROVIDER_RESOURCE}:{name}": 1.0,
-        },
-        labels={PROVIDER_LABEL: name},
-        object_store_memory=128 * 1024 * 1024,
-    )
+    added = []
+
+    def add(name: str, num_gpus: float = 1.0, num_cpus: int = 2):
+        node = ray_cluster.add_node(
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            resources={
+                PROVIDER_RESOURCE: max(num_gpus, 1.0),
+                f"{PROVIDER_RESOURCE}:{name}": 1.0,
+            },
+            labels={PROVIDER_LABEL: name},
+            object_store_memory=128 * 1024 * 1024,
+        )
+        added.append(node)
+        return node
+
+    yield add
+    alive = set(ray_cluster.list_all_nodes())
+    for node in added:
+        if node in alive:
+            ray_cluster.remove_node(node)
