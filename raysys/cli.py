@@ -3,6 +3,8 @@
 raysys up [--providers N] [--gpus-per-provider G]   start head + N providers
 raysys status                                       describe the cluster
 raysys down                                         stop it
+raysys submit [--address URL] [--dry-run] -- python jobs/JOB.py ...
+                                                    submit a job (ray job submit)
 """
 
 from __future__ import annotations
@@ -110,10 +112,68 @@ def cmd_status(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_submit(argv: Sequence[str]) -> int:
+    import subprocess
+
+    from raysys.runtime import submit
+
+    argv = list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser(
+        prog="raysys submit",
+        description=(
+            "Submit a job through Ray's job API (`ray job submit`) with the project "
+            "as its working dir, after checking the upload fits Ray's limit. Other "
+            "`ray job submit` options (--no-wait, --submission-id ID, "
+            "--entrypoint-num-gpus N, ...) pass through."
+        ),
+        usage="raysys submit [--address URL] [--dry-run] [OPTIONS] -- ENTRYPOINT...",
+    )
+    parser.add_argument("--address", help="job API address (default: see docs)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="measure the package and print the command without submitting",
+    )
+    parser.add_argument(
+        "--working-dir",
+        default=str(submit.PROJECT_ROOT),
+        help="directory shipped as the job's working dir (default: the project)",
+    )
+    parser.add_argument(
+        "--runtime-env",
+        default=str(submit.RUNTIME_ENV_FILE),
+        help="runtime_env YAML whose excludes apply (default: jobs/runtime_env.yaml)",
+    )
+    ns, ray_args = parser.parse_known_args(argv[:cut])
+    address = submit.resolve_dashboard_address(ns.address)
+    cmd = submit.submit_command(
+        argv[cut + 1 :],
+        address=address,
+        working_dir=ns.working_dir,
+        runtime_env_file=ns.runtime_env,
+        ray_args=ray_args,
+    )
+    measure = submit.prepare_submission(ns.working_dir, ns.runtime_env)
+    limit_bytes, _ = submit.upload_limit()
+    env = submit.submit_env(address)
+    print(
+        f"package: {measure.package_bytes / 1024**2:.2f} MiB in {measure.num_files} "
+        f"files (Ray's upload limit {limit_bytes / 1024**2:.0f} MiB); "
+        f"token auth {'on' if env.get('RAY_AUTH_MODE') == 'token' else 'off'}"
+    )
+    if ns.dry_run:
+        print(" ".join(cmd))
+        return 0
+    sys.stdout.flush()
+    return subprocess.run(cmd, env=env).returncode
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "up": cmd_up,
     "down": cmd_down,
     "status": cmd_status,
+    "submit": cmd_submit,
 }
 
 
