@@ -5,12 +5,16 @@ raysys status                                       describe the cluster
 raysys down                                         stop it
 raysys submit [--address URL] [--dry-run] -- python jobs/JOB.py ...
                                                     submit a job (ray job submit)
+raysys node head|provider [--dry-run] [-- RAY_START_ARGS]
+                                                    start this machine as a node
+                                                    of a multi-machine cluster
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 
@@ -163,10 +167,63 @@ def cmd_submit(argv: Sequence[str]) -> int:
         f"token auth {'on' if env.get('RAY_AUTH_MODE') == 'token' else 'off'}"
     )
     if ns.dry_run:
-        print(" ".join(cmd))
+        print(shlex.join(cmd))
         return 0
     sys.stdout.flush()
     return subprocess.run(cmd, env=env).returncode
+
+
+def cmd_node(argv: Sequence[str]) -> int:
+    from raysys.runtime import nodes
+
+    argv = list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser(
+        prog="raysys node",
+        description=(
+            "Start this machine as the head or a provider node of a multi-machine "
+            "cluster (`ray start` with token authentication, the dashboard on "
+            "127.0.0.1, and the provider resources and label). Arguments after "
+            "`--` go to `ray start`."
+        ),
+    )
+    parser.add_argument("role", choices=["head", "provider"])
+    parser.add_argument("--name", help="provider name (default: host name)")
+    parser.add_argument(
+        "--num-gpus", type=float, help="GPUs to lend (default: nvidia-smi count)"
+    )
+    parser.add_argument(
+        "--ray-start-cmd",
+        help="a generated `ray start ...` command to extend (KubeRay's "
+        "$KUBERAY_GEN_RAY_START_CMD)",
+    )
+    parser.add_argument(
+        "--no-auth", action="store_true", help="turn token authentication off"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the command, start nothing"
+    )
+    ns = parser.parse_args(argv[:cut])
+    extra = argv[cut + 1 :]
+    if ns.role == "head":
+        if ns.name is not None or ns.num_gpus is not None:
+            parser.error("--name and --num-gpus apply to providers only")
+        plan = nodes.plan_head(
+            extra, ray_start_cmd=ns.ray_start_cmd, auth=not ns.no_auth
+        )
+    else:
+        plan = nodes.plan_provider(
+            extra,
+            ray_start_cmd=ns.ray_start_cmd,
+            name=ns.name,
+            num_gpus=ns.num_gpus,
+            auth=not ns.no_auth,
+        )
+    if ns.dry_run:
+        print(plan.shell())
+        return 0
+    sys.stdout.flush()
+    return nodes.run(plan)
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
@@ -174,6 +231,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "down": cmd_down,
     "status": cmd_status,
     "submit": cmd_submit,
+    "node": cmd_node,
 }
 
 

@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from raysys.runtime.config import Config
 from raysys.runtime.errors import ClusterError
+from raysys.runtime.security import warn_if_exposed
 
 logger = logging.getLogger(__name__)
 
@@ -253,13 +254,7 @@ def up(cfg: LocalClusterConfig) -> ClusterState:
             f"a local cluster is already running at {existing.gcs_address}; "
             "run `raysys down` first"
         )
-    loopback = ipaddress.ip_address(cfg.dashboard_host).is_loopback
-    if not loopback and not cfg.auth:
-        logger.warning(
-            "the dashboard and job API bind to %s with authentication OFF: anyone who "
-            "reaches this address can run code on every node",
-            cfg.dashboard_host,
-        )
+    loopback = warn_if_exposed(cfg.dashboard_host, cfg.auth)
     if cfg.auth:
         ensure_auth_token()
     cluster_id = uuid.uuid4().hex[:12]
