@@ -8,6 +8,8 @@ raysys submit [--address URL] [--dry-run] -- python jobs/JOB.py ...
 raysys node head|provider [--dry-run] [-- RAY_START_ARGS]
                                                     start this machine as a node
                                                     of a multi-machine cluster
+raysys validate-cluster FILE...                     check launcher configs and
+                                                    RayCluster manifests
 """
 
 from __future__ import annotations
@@ -222,8 +224,39 @@ def cmd_node(argv: Sequence[str]) -> int:
     if ns.dry_run:
         print(plan.shell())
         return 0
-    sys.stdout.flush()
-    return nodes.run(plan)
+    nodes.run(plan)
+    return 1  # not reached: run() replaces this process
+
+
+def cmd_validate_cluster(argv: Sequence[str]) -> int:
+    from raysys.runtime import cluster_configs
+
+    parser = argparse.ArgumentParser(
+        prog="raysys validate-cluster",
+        description=(
+            "Validate cluster-launcher configs against the installed Ray's schema "
+            "and RayCluster manifests against KubeRay's ray.io/v1 fields, then "
+            "check token authentication and loopback binding."
+        ),
+    )
+    parser.add_argument("files", nargs="+", help="files from clusters/")
+    ns = parser.parse_args(argv)
+    status = 0
+    for path in ns.files:
+        try:
+            findings = cluster_configs.check_cluster_file(path)
+        except ConfigError as e:
+            print(f"{path}: INVALID\n{e}")
+            status = 2
+            continue
+        if findings:
+            print(f"{path}: valid, but open:")
+            for finding in findings:
+                print(f"  - {finding}")
+            status = max(status, 1)
+        else:
+            print(f"{path}: ok")
+    return status
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
@@ -232,6 +265,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "status": cmd_status,
     "submit": cmd_submit,
     "node": cmd_node,
+    "validate-cluster": cmd_validate_cluster,
 }
 
 

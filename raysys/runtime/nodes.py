@@ -31,8 +31,10 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from raysys.runtime.errors import ConfigError
 from raysys.runtime.local_cluster import (
@@ -128,8 +130,12 @@ def _ray_start_args(ray_start_cmd: str | None, extra: Sequence[str]) -> list[str
     return args
 
 
-def _auth_env(auth: bool, environ: Mapping[str, str] | None) -> dict[str, str]:
+def _node_env(auth: bool, environ: Mapping[str, str] | None) -> dict[str, str]:
     env = dict(os.environ if environ is None else environ)
+    # Job entrypoints say `python ...`: make that the interpreter raysys runs in,
+    # for the drivers this node's raylet starts.
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
     if not auth:
         env["RAY_AUTH_MODE"] = "disabled"
         return env
@@ -190,7 +196,7 @@ def plan_head(
         ConfigError: authentication is on and no token is present, or an
             argument is malformed.
     """
-    env = _auth_env(auth, environ)
+    env = _node_env(auth, environ)
     args = _ray_start_args(ray_start_cmd, extra)
     args, resources = _split_option(args, "--resources")
     if "--head" not in args:
@@ -222,7 +228,7 @@ def plan_provider(
         ConfigError: no head address, a bad name, no token while authentication
             is on, or a malformed argument.
     """
-    env = _auth_env(auth, environ)
+    env = _node_env(auth, environ)
     args = _ray_start_args(ray_start_cmd, extra)
     if "--head" in args:
         raise ConfigError("a provider joins a head: drop --head, pass --address")
@@ -255,7 +261,13 @@ def plan_provider(
     )
 
 
-def run(plan: NodePlan) -> int:
-    """Run the planned ``ray start``; returns its exit status."""
+def run(plan: NodePlan) -> None:
+    """Replace this process with the planned ``ray start``.
+
+    Exec rather than a child process: in a container ``ray start --block`` then
+    is the main process and receives the pod's termination signal itself.
+    """
     logger.info("%s node %s: %s", plan.role, plan.name, plan.shell())
-    return subprocess.run(plan.argv, env=plan.env).returncode
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(plan.argv[0], plan.argv, plan.env)
