@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from raysys.runtime import Config, Report, init_ray, run_job
 from raysys.runtime.errors import ClusterError
@@ -49,7 +49,8 @@ class ClusterCheckConfig(Config):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per bundle, >= 0")
     resources: dict[str, float] = Field(
         default_factory=dict,
-        description="custom resources per bundle (--set resources.provider=1)",
+        description="custom resources per bundle: NAME=AMOUNT[,NAME=AMOUNT], "
+        "e.g. provider=1",
     )
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="placement-group strategy of the request"
@@ -65,6 +66,16 @@ class ClusterCheckConfig(Config):
     out: Path = Field(
         Path("out/cluster_check/report.json"), description="JSON report path"
     )
+
+    @field_validator("resources", mode="before")
+    @classmethod
+    def _parse_resources(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        pairs = [p.partition("=") for p in value.split(",") if p.strip()]
+        if any(not sep for _, sep, _ in pairs):
+            raise ValueError("write NAME=AMOUNT[,NAME=AMOUNT], e.g. provider=1")
+        return {name.strip(): amount.strip() for name, _, amount in pairs}
 
     @model_validator(mode="after")
     def _bundle_not_empty(self) -> ClusterCheckConfig:
