@@ -143,14 +143,22 @@ def measure_package(working_dir: str | Path, excludes: Sequence[str]) -> Package
     return measure
 
 
-def check_package_size(measure: PackageMeasure, limit_bytes: int | None = None) -> None:
+def check_package_size(
+    measure: PackageMeasure,
+    limit_bytes: int | None = None,
+    source: str = "the caller",
+) -> None:
     """Refuse a package Ray's job API would refuse.
+
+    Args:
+        measure: what the upload would hold.
+        limit_bytes: the limit; default Ray's (`upload_limit`).
+        source: where ``limit_bytes`` comes from, for the message.
 
     Raises:
         PackageTooLarge: naming the size, the limit and the biggest files and
             folders, with the way to leave them out.
     """
-    source = "the limit passed in"
     if limit_bytes is None:
         limit_bytes, source = upload_limit()
     if measure.package_bytes <= limit_bytes:
@@ -269,7 +277,7 @@ def prepare_submission(
     """
     excludes = load_runtime_env(Path(runtime_env_file))["excludes"]
     measure = measure_package(working_dir, excludes)
-    limit_bytes, _ = upload_limit()
+    limit_bytes, source = upload_limit()
     logger.info(
         "job package: %s in %d files from %s (limit %s)",
         _mib(measure.package_bytes),
@@ -277,5 +285,5 @@ def prepare_submission(
         measure.root,
         _mib(limit_bytes),
     )
-    check_package_size(measure, limit_bytes)
+    check_package_size(measure, limit_bytes, source)
     return measure

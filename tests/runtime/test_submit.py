@@ -123,6 +123,7 @@ def test_submit_refuses_a_package_over_rays_limit_before_contacting_anyone(
     assert status == 2
     err = capsys.readouterr().err
     assert "over Ray's job upload limit of 100.0 MiB (104857600 bytes" in err
+    assert "set by ray._private.ray_constants.DASHBOARD_CLIENT_MAX_SIZE" in err
     assert "dataset.bin" in err
 
 
