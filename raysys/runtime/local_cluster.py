@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -101,6 +102,7 @@ class ClusterState(BaseModel):
     auth: bool
     started_at: float
     nodes: list[NodeRecord] = Field(default_factory=list)
+    temp_dir: str | None = None  # this cluster's Ray temp dir (logs, sockets)
 
     def provider(self, name: str) -> NodeRecord | None:
         return next(
@@ -211,6 +213,7 @@ def start_provider_node(
     auth: bool,
     object_store_mb: int = 512,
     node_ip: str | None = "127.0.0.1",
+    temp_dir: str | None = None,
 ) -> NodeRecord:
     """Start one provider node: a Ray worker node lending ``num_gpus`` GPUs.
 
@@ -232,6 +235,8 @@ def start_provider_node(
     ]
     if node_ip:
         args.append(f"--node-ip-address={node_ip}")
+    if temp_dir:
+        args.append(f"--temp-dir={temp_dir}")
     _run_ray_start(args, _node_env(cluster_id, name, auth), f"provider {name!r}")
     return NodeRecord(
         name=name,
@@ -258,6 +263,11 @@ def up(cfg: LocalClusterConfig) -> ClusterState:
     if cfg.auth:
         ensure_auth_token()
     cluster_id = uuid.uuid4().hex[:12]
+    # Ray records "the" cluster of a machine in <temp dir>/ray_current_cluster,
+    # and a job's driver connects to whatever that file names: with the shared
+    # default temp dir, a job could join another Ray on this machine. Each
+    # cluster gets its own (short: Ray's socket paths must fit 107 bytes).
+    temp_dir = os.path.join(tempfile.gettempdir(), f"raysys-{cluster_id}")
     node_ip = "127.0.0.1" if loopback else None
     gcs_address = f"{node_ip or _primary_ip()}:{cfg.port}"
     head_args = [
@@ -270,6 +280,7 @@ def up(cfg: LocalClusterConfig) -> ClusterState:
         f"--dashboard-host={cfg.dashboard_host}",
         f"--dashboard-port={cfg.dashboard_port}",
         f"--object-store-memory={cfg.object_store_mb * 1024 * 1024}",
+        f"--temp-dir={temp_dir}",
     ]
     if node_ip:
         head_args.append(f"--node-ip-address={node_ip}")
@@ -279,6 +290,7 @@ def up(cfg: LocalClusterConfig) -> ClusterState:
         dashboard_url=f"http://{_url_host(cfg.dashboard_host)}:{cfg.dashboard_port}",
         auth=cfg.auth,
         started_at=time.time(),
+        temp_dir=temp_dir,
         nodes=[
             NodeRecord(
                 name="head",
@@ -303,6 +315,7 @@ def up(cfg: LocalClusterConfig) -> ClusterState:
                 auth=cfg.auth,
                 object_store_mb=cfg.object_store_mb,
                 node_ip=node_ip,
+                temp_dir=temp_dir,
             )
             state.nodes.append(record)
             write_state(state)
@@ -310,6 +323,7 @@ def up(cfg: LocalClusterConfig) -> ClusterState:
         logger.error("cluster start failed; stopping what was started")
         kill_marked(CLUSTER_MARKER, cluster_id)
         state_path().unlink(missing_ok=True)
+        shutil.rmtree(temp_dir, ignore_errors=True)
         raise
     return state
 
@@ -388,4 +402,6 @@ def down() -> bool:
         kill_marked(NODE_MARKER, node.marker, grace_s=3.0)
     kill_marked(CLUSTER_MARKER, state.cluster_id)
     state_path().unlink(missing_ok=True)
+    if state.temp_dir:
+        shutil.rmtree(state.temp_dir, ignore_errors=True)
     return True

@@ -109,3 +109,6 @@ def test_raysys_up_binds_the_dashboard_to_loopback_with_token(monkeypatch, tmp_p
     assert "--dashboard-host=127.0.0.1" in args
     assert "--node-ip-address=127.0.0.1" in args
     assert auth_mode == "token"
+    # its own Ray temp dir, so a job's driver can only find this cluster
+    (temp_dir,) = [a.split("=", 1)[1] for a in args if a.startswith("--temp-dir=")]
+    assert "raysys-" in temp_dir and temp_dir != "/tmp/ray"
