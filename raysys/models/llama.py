@@ -318,6 +318,10 @@ class KVCache:
     positions are valid. Writes hold no autograd history: caches are for inference.
     """
 
+    # TODO: a batched forward copies every sequence's keys into one padded tensor
+    # per layer; a paged cache with a gather-free attention kernel would avoid that
+    # copy, which grows with batch size times context length.
+
     def __init__(
         self,
         num_layers: int,
@@ -715,6 +719,11 @@ class Transformer(nn.Module):
         Reserves room in each cache for its new tokens; positions are counted from
         each cache's length.
         """
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise ValueError(
+                f"tokens must be (B, T) with T >= 1, got shape {tuple(tokens.shape)}; "
+                "add a batch dimension with tokens[None]"
+            )
         batch, num_new = tokens.shape
         device = tokens.device
         if caches is None:

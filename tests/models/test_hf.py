@@ -12,13 +12,15 @@ from safetensors.torch import save_file
 from raysys.models.hf import (
     Checkpoint,
     UnsafeCheckpointError,
+    load_expert_store,
     load_model,
     read_config,
     save_model,
     save_random_model,
+    to_hf_name,
 )
 from raysys.models.llama import Llama, tiny_llama_config
-from raysys.models.mixtral import Mixtral, tiny_mixtral_config
+from raysys.models.mixtral import ExpertStore, Mixtral, tiny_mixtral_config
 from raysys.runtime.errors import ConfigError
 
 
@@ -99,6 +101,15 @@ def test_checkpoint_reads_single_experts_lazily(tmp_path):
     with pytest.raises(KeyError, match="experts.9.w1"):
         checkpoint.read_expert(1, 9)
 
+    # A model without resident experts runs from stores each holding a shard.
+    shards = [load_expert_store(tmp_path, [(0, e), (1, e)]) for e in range(4)]
+    merged = ExpertStore({k: w for s in shards for k, w in s.experts.items()})
+    lean = load_model(tmp_path, resident_experts=False)
+    lean.set_expert_source(merged)
+    tokens = tokens_like(10, seed=4)
+    with torch.no_grad():
+        assert torch.equal(lean(tokens), model(tokens))
+
 
 class _RunsCode:
     """Unpickling this creates a file: proof that a loader unpickled."""
@@ -139,16 +150,15 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
 
     model = Llama(tiny_llama_config())
     save_model(model, tmp_path)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    renamed = {"model." + k.replace("up_proj", "fc_in"): v for k, v in state.items()}
+    state = {to_hf_name(k, model.config): v for k, v in model.state_dict().items()}
+    renamed = {k.replace("up_proj", "fc_in"): v for k, v in state.items()}
     save_file(renamed, tmp_path / "model.safetensors")
     with pytest.raises(
         ConfigError, match=r"missing \['model.layers.0.mlp.up_proj.weight'"
     ):
         load_model(tmp_path)
 
-    wrong = {"model." + k: v for k, v in state.items() if k != "lm_head.weight"}
-    wrong["lm_head.weight"] = torch.zeros(7, 7)
+    wrong = state | {"lm_head.weight": torch.zeros(7, 7)}
     save_file(wrong, tmp_path / "model.safetensors")
     with pytest.raises(ConfigError, match="shapes do not match"):
         load_model(tmp_path)

@@ -162,7 +162,8 @@ def test_mixed_prefill_chunk_and_decode_in_one_forward(llama):
 @pytest.mark.parametrize("num_tokens", [7, 8, 9, 16, 17])
 def test_chunked_prefill_equals_one_shot(llama, num_tokens):
     prompt = tokens_like(num_tokens, seed=num_tokens)
-    one_shot, chunked = llama.new_cache(), llama.new_cache()
+    # Cache blocks of 8 positions: chunk and block boundaries coincide.
+    one_shot, chunked = llama.new_cache(), llama.new_cache(block_size=8)
     close(
         prefill(llama, prompt, chunked, chunk_size=8), prefill(llama, prompt, one_shot)
     )
