@@ -6,8 +6,8 @@ grouped-query attention and a SwiGLU MLP (Touvron et al., "Llama 2", 2023). Modu
 names follow the Hugging Face parameter names minus their ``model.`` prefix, so
 loading a checkpoint is a rename-free copy (see `raysys.models.hf`).
 
-KV cache (`KVCache`): one object per sequence, holding keys and values of every
-layer for that sequence's tokens so far. A forward takes a batch of B sequences,
+KV cache (`raysys.models.kv_cache.KVCache`): one object per sequence, holding keys
+and values of every layer for that sequence's tokens so far. A forward takes a batch of B sequences,
 each with its own cache and its own number of new tokens; new tokens are padded
 on the right to a common T, each sequence's new keys are written at its own
 positions, and attention runs over the cached keys padded to the longest sequence
@@ -16,6 +16,11 @@ chunk (T > 1, appended to what is cached), a decode step of many sequences at
 different positions (T = 1) and a speculative verification (T = k + 1). A cache
 can be truncated (drafted tokens rejected), cloned, exported as plain CPU tensors
 (`KVState`) and imported on another model instance.
+
+Running layer by layer: `Transformer.forward` is `Transformer.prepare`, the
+embedding, each decoder layer, `Transformer.commit` and `Transformer.head`, and a
+caller may take these steps itself; the ``on_attention`` hook of a forward sees
+every layer's attention output (the input of its MLP or MoE block).
 
 Shape letters used in the trailing comments:
     B  sequences in the batch        T  new tokens per sequence (padded)
@@ -38,6 +43,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor, nn
 
+from raysys.models.kv_cache import KVCache, KVState
 from raysys.models.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 from raysys.runtime.errors import ConfigError
 
@@ -284,146 +290,6 @@ def tiny_llama_config(**overrides: Any) -> LlamaConfig:
         raise ConfigError(f"unknown LlamaConfig fields {sorted(unknown)}")
     fields.update(overrides)
     return LlamaConfig.model_validate(fields)
-
-
-# --------------------------------------------------------------------------- cache
-
-
-@dataclass(frozen=True)
-class KVState:
-    """A sequence's cache as plain CPU tensors, for handoff to another instance.
-
-    Attributes:
-        kv: keys and values, ``(L, 2, Hkv, S, Dh)``; index 0 of dim 1 holds keys.
-    """
-
-    kv: Tensor  # (L, 2, Hkv, S, Dh)
-
-    @property
-    def num_tokens(self) -> int:
-        """Cached positions S."""
-        return self.kv.shape[3]
-
-    @property
-    def nbytes(self) -> int:
-        """Size of the tensors in bytes."""
-        return self.kv.numel() * self.kv.element_size()
-
-
-class KVCache:
-    """Keys and values of every layer for one sequence's tokens so far.
-
-    Storage is one tensor ``(L, 2, Hkv, capacity, Dh)`` that grows (doubling, in
-    multiples of ``block_size`` positions) as tokens are appended; ``num_tokens``
-    positions are valid. Writes hold no autograd history: caches are for inference.
-    """
-
-    # TODO: a batched forward copies every sequence's keys into one padded tensor
-    # per layer; a paged cache with a gather-free attention kernel would avoid that
-    # copy, which grows with batch size times context length.
-
-    def __init__(
-        self,
-        num_layers: int,
-        num_kv_heads: int,
-        head_dim: int,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-        block_size: int = 64,
-    ) -> None:
-        self.block_size = block_size
-        self.num_tokens = 0
-        self.kv = torch.zeros(  # (L, 2, Hkv, capacity, Dh)
-            num_layers,
-            2,
-            num_kv_heads,
-            block_size,
-            head_dim,
-            device=device,
-            dtype=dtype,
-        )
-
-    @property
-    def capacity(self) -> int:
-        """Positions allocated."""
-        return self.kv.shape[3]
-
-    def reserve(self, num_tokens: int) -> None:
-        """Make room for ``num_tokens`` positions in total (no-op if there is room)."""
-        if num_tokens <= self.capacity:
-            return
-        new_capacity = max(2 * self.capacity, num_tokens)
-        new_capacity = math.ceil(new_capacity / self.block_size) * self.block_size
-        kv = self.kv.new_zeros(*self.kv.shape[:3], new_capacity, self.kv.shape[4])
-        kv[:, :, :, : self.num_tokens] = self.kv[:, :, :, : self.num_tokens]
-        self.kv = kv
-
-    def write(self, layer: int, start: int, k: Tensor, v: Tensor) -> None:
-        """Store keys/values ``(Hkv, n, Dh)`` of positions ``start .. start+n-1``."""
-        end = start + k.shape[1]
-        self.kv[layer, 0, :, start:end] = k.detach()
-        self.kv[layer, 1, :, start:end] = v.detach()
-
-    def keys_values(self, layer: int, num_tokens: int) -> tuple[Tensor, Tensor]:
-        """Views of the first ``num_tokens`` keys and values, ``(Hkv, S, Dh)`` each."""
-        return self.kv[layer, 0, :, :num_tokens], self.kv[layer, 1, :, :num_tokens]
-
-    def truncate(self, num_tokens: int) -> None:
-        """Forget every position from ``num_tokens`` on (rejected draft tokens).
-
-        Raises:
-            ValueError: ``num_tokens`` is negative or beyond what is cached.
-        """
-        if not 0 <= num_tokens <= self.num_tokens:
-            raise ValueError(
-                f"cannot truncate a cache of {self.num_tokens} tokens to {num_tokens}; "
-                f"pass a length in [0, {self.num_tokens}]"
-            )
-        self.num_tokens = num_tokens
-
-    def clone(self) -> KVCache:
-        """An independent copy (same device and dtype)."""
-        copy = KVCache.__new__(KVCache)
-        copy.block_size = self.block_size
-        copy.num_tokens = self.num_tokens
-        copy.kv = self.kv.clone()
-        return copy
-
-    def export(self) -> KVState:
-        """The valid positions as a contiguous CPU tensor (safe to send through Ray)."""
-        kv = self.kv[:, :, :, : self.num_tokens]  # (L, 2, Hkv, S, Dh)
-        return KVState(kv=kv.to("cpu", copy=True).contiguous())
-
-    @classmethod
-    def from_state(
-        cls,
-        state: KVState,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        block_size: int = 64,
-    ) -> KVCache:
-        """A cache holding ``state``'s positions on ``device`` (see `Transformer.import_cache`)."""
-        num_layers, _, num_kv_heads, num_tokens, head_dim = state.kv.shape
-        cache = cls(
-            num_layers,
-            num_kv_heads,
-            head_dim,
-            device=device,
-            dtype=dtype or state.kv.dtype,
-            block_size=block_size,
-        )
-        cache.reserve(num_tokens)
-        cache.kv[:, :, :, :num_tokens] = state.kv
-        cache.num_tokens = num_tokens
-        return cache
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the valid positions."""
-        per_token = self.kv[:, :, :, :1].numel() * self.kv.element_size()
-        return per_token * self.num_tokens
 
 
 # --------------------------------------------------------------------------- layers

@@ -7,8 +7,8 @@ import torch
 from hf_reference import save_hf_reference
 
 from raysys.models.hf import load_model
+from raysys.models.kv_cache import KVState
 from raysys.models.llama import (
-    KVState,
     LlamaConfig,
     decode_step,
     greedy_generate,
