@@ -352,6 +352,53 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+def attention_mask(
+    starts: Sequence[int],
+    counts: Sequence[int],
+    num_new: int,
+    window: int | None,
+    *,
+    cached: bool,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor | None, bool]:
+    """Which keys each new token may attend to, as ``(mask, is_causal)``.
+
+    Query ``t`` of sequence ``b`` sits at position ``starts[b] + t`` and sees keys
+    at positions up to its own (and, with a sliding window, the last ``window``
+    of them). Returns no mask where SDPA needs none: a plain causal forward
+    (``is_causal``), or a single query that sees every cached key.
+
+    Args:
+        starts: cached positions per sequence.
+        counts: valid new tokens per sequence; the rest of the T is padding.
+        num_new: padded width T.
+        window: sliding-window length, or None.
+        cached: whether the keys include cached positions (False: positions 0..T-1).
+        device: where to build the mask.
+
+    Returns:
+        A bool mask ``(B, 1, T, S)`` (True: may attend) or None, and ``is_causal``.
+    """
+    if not cached and (window is None or window >= num_new):
+        return None, num_new > 1
+    sees_all = window is None or window > starts[0]
+    if cached and len(starts) == 1 and num_new == 1 and sees_all:
+        return None, False
+    start_t = torch.tensor(starts, device=device)  # (B,)
+    count_t = torch.tensor(counts, device=device)  # (B,)
+    offsets = torch.arange(num_new, device=device)  # (T,)
+    # Padding queries borrow the last valid position so no row is all-masked.
+    query_pos = start_t[:, None] + torch.minimum(
+        offsets, count_t[:, None] - 1
+    )  # (B, T)
+    num_keys = max(s + n for s, n in zip(starts, counts, strict=True))
+    key_pos = torch.arange(num_keys, device=device)  # (S,)
+    allowed = key_pos <= query_pos[..., None]  # (B, T, S)
+    if window is not None:
+        allowed &= key_pos > query_pos[..., None] - window
+    return allowed[:, None], False  # (B, 1, T, S)
+
+
 @dataclass
 class ForwardContext:
     """What every layer of one forward needs besides its hidden state.
@@ -631,25 +678,14 @@ class Transformer(nn.Module):
 
         padded = any(n < num_new for n in counts)
         token_mask = offsets[None, :] < count_t[:, None] if padded else None  # (B, T)
-        window = self.config.sliding_window
-        mask, is_causal = None, False
-        if caches is None and (window is None or window >= num_new):
-            is_causal = num_new > 1
-        elif (
-            caches is not None
-            and batch == 1
-            and num_new == 1
-            and (window is None or window > starts[0])
-        ):
-            pass  # one query that sees every cached key: no mask needed
-        else:
-            # Padding queries borrow the last valid position so no row is all-masked.
-            query_pos = start_t[:, None] + torch.minimum(offsets, count_t[:, None] - 1)
-            key_pos = torch.arange(longest, device=device)  # (S,)
-            allowed = key_pos <= query_pos[..., None]  # (B, T, S)
-            if window is not None:
-                allowed &= key_pos > query_pos[..., None] - window
-            mask = allowed[:, None]  # (B, 1, T, S)
+        mask, is_causal = attention_mask(
+            starts,
+            counts,
+            num_new,
+            self.config.sliding_window,
+            cached=caches is not None,
+            device=device,
+        )
         return ForwardContext(
             cos=cos,
             sin=sin,

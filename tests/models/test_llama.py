@@ -279,3 +279,16 @@ def test_unknown_factory_field_and_context_overflow():
         ValueError, match="beyond the model's max_position_embeddings 8"
     ):
         prefill(model, torch.arange(3), cache)
+
+
+def test_attention_mask_with_padding_and_window():
+    from raysys.models.llama import attention_mask
+
+    mask, is_causal = attention_mask([2, 0], [2, 1], 2, window=2, cached=True)
+    expected = torch.tensor(
+        [[[0, 1, 1, 0], [0, 0, 1, 1]], [[1, 0, 0, 0], [1, 0, 0, 0]]], dtype=torch.bool
+    )
+    assert not is_causal and torch.equal(mask[:, 0], expected)
+    assert attention_mask([0], [5], 5, None, cached=False) == (None, True)
+    assert attention_mask([7], [1], 1, None, cached=True) == (None, False)
+    assert attention_mask([7], [1], 1, 7, cached=True)[0] is not None
