@@ -808,10 +808,15 @@ def greedy_generate(
     prompt: Sequence[int],
     max_new_tokens: int,
     *,
-    stop_ids: Sequence[int] = (),
+    stop_ids: Sequence[int] | None = None,
     chunk_size: int | None = None,
 ) -> list[int]:
-    """Greedy continuation of ``prompt`` (at most ``max_new_tokens`` ids, stop id included)."""
+    """Greedy continuation of ``prompt``: at most ``max_new_tokens`` ids.
+
+    Generation ends after the first id in ``stop_ids`` (default: the config's
+    ``eos_token_id``), which is included in the result.
+    """
+    stop = set(model.config.stop_token_ids if stop_ids is None else stop_ids)
     cache = model.new_cache()
     logits = prefill(
         model, torch.tensor(prompt, device=model.device), cache, chunk_size
@@ -820,9 +825,8 @@ def greedy_generate(
     while len(out) < max_new_tokens:
         token = int(logits.argmax())
         out.append(token)
-        if token in stop_ids or len(out) == max_new_tokens:
+        if token in stop or len(out) == max_new_tokens:
             break
-        logits = decode_step(
-            model, torch.tensor([token], device=model.device), [cache]
-        )[0]
+        next_token = torch.tensor([token], device=model.device)
+        logits = decode_step(model, next_token, [cache])[0]
     return out

@@ -95,8 +95,15 @@ def test_greedy_generate_matches_transformers(tmp_path):
             do_sample=False,
             pad_token_id=0,
         )
-    ours = greedy_generate(model, prompt.tolist(), 12, chunk_size=4)
+    ours = greedy_generate(model, prompt.tolist(), 12, stop_ids=(), chunk_size=4)
     assert ours == hf_out[0, 9:].tolist()
+    # A stop id ends generation after it, included.
+    stop_at = ours[4]
+    first = ours.index(stop_at)
+    assert (
+        greedy_generate(model, prompt.tolist(), 12, stop_ids=[stop_at])
+        == ours[: first + 1]
+    )
 
 
 def test_attention_hook_gives_mlp_input(tmp_path):
