@@ -432,10 +432,8 @@ class Attention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        q_dim, kv_dim = (
-            self.num_heads * self.head_dim,
-            self.num_kv_heads * self.head_dim,
-        )
+        q_dim = self.num_heads * self.head_dim
+        kv_dim = self.num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(config.hidden_size, q_dim, **kw)
         self.k_proj = nn.Linear(config.hidden_size, kv_dim, **kw)
         self.v_proj = nn.Linear(config.hidden_size, kv_dim, **kw)
