@@ -165,7 +165,21 @@ class SharingController:
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _export(self, method: str, *args: Any) -> None:
+        """Publish to Ray metrics; a metrics failure never stops the platform."""
+        if self.exporter is None:
+            return
+        try:
+            getattr(self.exporter, method)(*args)
+        except Exception as e:
+            logger.debug("metrics export %s failed: %s", method, e)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("controller task failed", exc_info=task.exception())
 
     async def _bounded(self, ref, bound_s: float, what: str) -> Any:
         """Await ``ref`` for at most ``bound_s``; records the wait against its bound.
@@ -439,13 +453,11 @@ class SharingController:
 
     def _migration_attempted(self, kind: str) -> None:
         self.metrics.migration_attempted(kind)
-        if self.exporter:
-            self.exporter.migration_attempted(kind)
+        self._export("migration_attempted", kind)
 
     def _migration_succeeded(self, kind: str) -> None:
         self.metrics.migration_succeeded(kind)
-        if self.exporter:
-            self.exporter.migration_succeeded(kind)
+        self._export("migration_succeeded", kind)
 
     # -- runners -------------------------------------------------------------
 
@@ -508,8 +520,7 @@ class SharingController:
             w.first_started_at = now
             delay = now - w.submitted_at
             self.metrics.queue_delay(w.spec.kind.value, delay)
-            if self.exporter:
-                self.exporter.queue_delay(w.spec.kind.value, delay)
+            self._export("queue_delay", w.spec.kind.value, delay)
         if w.pending is not None:
             self._resumed(w, w.pending, info["resumed_step"], placement.provider)
             w.pending = None
@@ -548,8 +559,7 @@ class SharingController:
         w.lost_steps += record.lost_steps
         lost_gpu_s = record.lost_steps * self._seconds_per_step(w) * w.spec.gpus
         self.metrics.lost(lost_gpu_s)
-        if self.exporter:
-            self.exporter.lost(lost_gpu_s)
+        self._export("lost", lost_gpu_s)
         self._migration_succeeded(record.kind)
         logger.info(
             "%s migrated %s -> %s (%s): resumed at step %d, %d step(s) redone",
@@ -649,8 +659,7 @@ class SharingController:
             self.policy.num_queued(),
         )
         self.metrics.observe(now, lent, used, queued)
-        if self.exporter:
-            self.exporter.observe(lent, used, queued)
+        self._export("observe", lent, used, queued)
 
     # -- public API (called through SharingClient) ---------------------------
 

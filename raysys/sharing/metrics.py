@@ -67,11 +67,6 @@ class SharingMetrics:
                 UtilisationSample(now, gpus_lent, gpus_in_use, num_queued)
             )
 
-    def migration(self, kind: str, *, succeeded: bool) -> None:
-        self.migrations_attempted[kind] += 1
-        if succeeded:
-            self.migrations_succeeded[kind] += 1
-
     def migration_attempted(self, kind: str) -> None:
         self.migrations_attempted[kind] += 1
 
@@ -151,7 +146,7 @@ class RayMetricsExporter:
         self.lost_gpu_seconds = Counter(
             "raysys_sharing_lost_gpu_seconds", "GPU-seconds of work redone after a loss"
         )
-        self.queue_delay = Histogram(
+        self._queue_delay = Histogram(
             "raysys_sharing_queue_delay_s",
             "seconds from submission to first start",
             boundaries=[0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800],
@@ -175,4 +170,4 @@ class RayMetricsExporter:
             self.lost_gpu_seconds.inc(gpu_seconds)
 
     def queue_delay(self, kind: str, seconds: float) -> None:
-        self.queue_delay.observe(max(0.0, seconds), tags={"kind": kind})
+        self._queue_delay.observe(max(0.0, seconds), tags={"kind": kind})

@@ -122,13 +122,14 @@ class WorkloadRunner:
             return {"ok": False, "error": self.error}
         self.obj = obj
         self.state = "running"
+        resumed_step = self.step
         self._thread = threading.Thread(
             target=self._run, name=f"step-{name}", daemon=True
         )
         self._thread.start()
         return {
             "ok": True,
-            "resumed_step": self.step,
+            "resumed_step": resumed_step,
             "from_checkpoint": checkpoint is not None,
             "checkpoint_id": checkpoint_id,
             "node_id": ray.get_runtime_context().get_node_id(),
