@@ -3,6 +3,7 @@
 raysys up [--providers N] [--gpus-per-provider G]   start head + N providers
 raysys status                                       describe the cluster
 raysys down                                         stop it
+raysys provider join|leave ...                      lend or take back GPUs
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from raysys.runtime.config import build_parser, validate_config
 from raysys.runtime.entry import setup_logging
 from raysys.runtime.errors import ClusterError, ConfigError
 from raysys.runtime.ray_env import enable_token_auth
+from raysys.sharing import cli as sharing_cli
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +116,9 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "up": cmd_up,
     "down": cmd_down,
     "status": cmd_status,
+    "provider": sharing_cli.cmd_provider,
 }
+STATUS_SECTIONS.append(sharing_cli.status_section)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

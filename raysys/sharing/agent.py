@@ -76,15 +76,23 @@ class ProviderAgent:
             "wish": dict(self.wish),
         }
 
-    def leave(self, deadline_s: float | None) -> dict[str, Any]:
+    def leave(self, deadline_s: float | None, grace_s: float = 10.0) -> dict[str, Any]:
         """The owner takes the machine back.
 
         Args:
             deadline_s: seconds until the machine goes away; None means
-                evacuate at once (Ray still gets a short drain deadline, the
-                controller's grace for an immediate checkpoint).
+                evacuate at once.
+            grace_s: without a deadline, how long tenants get to checkpoint.
+
+        The agent ends itself at the deadline (after ``grace_s`` without one)
+        even when no controller tells it to, so the drained node goes idle.
         """
         drain_deadline_s = deadline_s if deadline_s is not None else 0.0
+        timer = threading.Timer(
+            deadline_s if deadline_s is not None else grace_s, self._end_self
+        )
+        timer.daemon = True
+        timer.start()
         deadline_at = drain_node(
             self.node_id,
             deadline_s=drain_deadline_s,
@@ -106,6 +114,16 @@ class ProviderAgent:
                 self.provider, self.node_id, dict(self.wish), time.time()
             )
         return dict(self.wish)
+
+    def _end_self(self) -> None:
+        self._stop.set()
+        logger.info("provider %s: deadline reached, agent ends", self.provider)
+        try:
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+        except Exception as e:
+            logger.warning(
+                "provider %s: agent could not end itself: %s", self.provider, e
+            )
 
     def exit(self) -> None:
         """Stop heartbeating and end this actor (the node can then go idle)."""
