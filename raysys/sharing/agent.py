@@ -68,6 +68,11 @@ class ProviderAgent:
                 logger.debug("heartbeat of %s failed: %s", self.provider, e)
                 self._controller = None
 
+    def attach(self, controller_name: str) -> None:
+        """Report to ``controller_name`` from now on (the platform that found us)."""
+        if controller_name != self.controller_name:
+            self.controller_name, self._controller = controller_name, None
+
     def info(self) -> dict[str, Any]:
         return {
             "provider": self.provider,

@@ -106,7 +106,8 @@ class _Workload:
     busy: bool = False  # a start or evacuation is in flight
     step: int = 0
     max_step_seen: int = 0
-    steps_executed: int = 0
+    steps_executed: int = 0  # by earlier runners (as last reported)
+    steps_run_now: int = 0  # by the current runner
     last_checkpoint_step: int | None = None
     first_started_at: float | None = None
     finished_at: float | None = None
@@ -267,6 +268,7 @@ class SharingController:
                     controller_name=self.config.controller_name,
                     heartbeat_interval_s=self.config.heartbeat_interval_s,
                 )
+                p.agent.attach.remote(self.config.controller_name)
             except Exception as e:
                 logger.warning(
                     "provider %s: no agent (%s); relying on node state", name, e
@@ -511,6 +513,8 @@ class SharingController:
             return
         now = time.time()
         w.incarnation, w.runner, w.state = incarnation, runner, "running"
+        w.steps_executed += w.steps_run_now
+        w.steps_run_now = 0
         w.step = info["resumed_step"]
         w.last_checkpoint_step = info["resumed_step"]
         w.missed_polls = 0
@@ -572,9 +576,10 @@ class SharingController:
         )
 
     def _seconds_per_step(self, w: _Workload) -> float:
-        if w.first_started_at is None or w.steps_executed == 0:
+        executed = w.steps_executed + w.steps_run_now
+        if w.first_started_at is None or executed == 0:
             return 0.0
-        return (time.time() - w.first_started_at) / max(1, w.steps_executed)
+        return (time.time() - w.first_started_at) / executed
 
     async def _poll_runners(self) -> None:
         running = [
@@ -632,8 +637,8 @@ class SharingController:
         w.max_step_seen = max(w.max_step_seen, w.step)
         if answer.get("last_checkpoint_step") is not None:
             w.last_checkpoint_step = answer["last_checkpoint_step"]
+        w.steps_run_now = max(w.steps_run_now, answer.get("steps_run", 0))
         for step, values in answer.get("metrics", []):
-            w.steps_executed += 1
             if values and len(w.history) < self.config.history_limit:
                 w.history[step] = values
 
@@ -786,7 +791,7 @@ class SharingController:
             incarnation=w.incarnation,
             restarts=w.restarts,
             lost_steps=w.lost_steps,
-            steps_executed=w.steps_executed,
+            steps_executed=w.steps_executed + w.steps_run_now,
             queue_delay_s=None
             if w.first_started_at is None
             else w.first_started_at - w.submitted_at,

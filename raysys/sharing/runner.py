@@ -76,7 +76,12 @@ class WorkloadRunner:
         self.last_checkpoint_step: int | None = None
         self.last_checkpoint_at: float | None = None
         self.started_at = time.time()
+        # Step metrics not yet handed to the controller, and those of the steps
+        # since the last commit. Each checkpoint carries both, so metrics of
+        # steps a lost runner completed but never reported come back with the
+        # checkpoint the next incarnation restores.
         self._metrics: collections.deque = collections.deque()
+        self._since_commit: list[tuple[int, dict[str, float]]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._checkpoint_on_stop = False
@@ -104,6 +109,8 @@ class WorkloadRunner:
                 self.step = checkpoint.step
                 self.last_checkpoint_step = checkpoint.step
                 self.last_checkpoint_at = checkpoint.created_at
+                for step, values in checkpoint.metadata.get("metrics", []):
+                    self._metrics.append((int(step), values))
                 checkpoint_id = checkpoint.info.checkpoint_id
                 logger.info(
                     "%s incarnation %d resumes at step %d from %s",
@@ -178,7 +185,9 @@ class WorkloadRunner:
                 with self._lock:
                     self.step += 1
                     self.steps_run += 1
-                    self._metrics.append((self.step, step_metrics(value)))
+                    entry = (self.step, step_metrics(value))
+                    self._metrics.append(entry)
+                    self._since_commit.append(entry)
                 if self._due(since_step, since_t):
                     self._commit(final=False)
                     since_step, since_t = self.step, time.time()
@@ -198,13 +207,20 @@ class WorkloadRunner:
             logger.warning("%s failed at step %d: %s", name, self.step, e)
 
     def _commit(self, *, final: bool):
+        with self._lock:
+            carried = dict(self._since_commit)
+            carried.update(self._metrics)
         try:
             info = self.store.save(
                 self.spec.name,
                 self.step,
                 self.obj.state_dict(),
                 incarnation=self.incarnation,
-                metadata={"final": final, "steps_run": self.steps_run},
+                metadata={
+                    "final": final,
+                    "steps_run": self.steps_run,
+                    "metrics": sorted(carried.items()),
+                },
             )
         except StaleIncarnation:
             raise
@@ -222,6 +238,7 @@ class WorkloadRunner:
         with self._lock:
             self.last_checkpoint_step = info.step
             self.last_checkpoint_at = time.time()
+            self._since_commit.clear()
         return info
 
     # -- control (answered while the stepping thread runs) -------------------
