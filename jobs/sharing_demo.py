@@ -216,15 +216,16 @@ def plot_losses(results: dict, references: dict, migrations, path: Path) -> Path
         ax.plot(range(1, len(ref) + 1), ref, "--", color=line.get_color(), alpha=0.5)
         for m in migrations:
             if m.workload_id == wid and m.resumed_step:
+                style = ":" if m.kind == "graceful" else "-."
                 ax.axvline(
-                    m.resumed_step, color=line.get_color(), alpha=0.3, linestyle=":"
+                    m.resumed_step, color=line.get_color(), alpha=0.6, linestyle=style
                 )
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title(
-        "Loss across a graceful and a sudden migration "
-        "(solid: platform, dashed: fault-free, dotted: resume)"
+        "Training loss across migrations\n(solid: on the platform, dashed: fault-free "
+        "run, dotted: graceful resume, dash-dot: sudden resume)"
     )
     ax.legend()
     fig.tight_layout()

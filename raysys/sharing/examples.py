@@ -61,7 +61,7 @@ class TinyTrainer:
         torch.set_num_threads(1)
         self.seed, self.batch_size, self.step_delay_s = seed, batch_size, step_delay_s
         g = torch.Generator().manual_seed(seed)
-        self.target = torch.randn(8, 1, generator=g)  # (D, 1)
+        self.target = torch.randn(8, 1, generator=g) / 8**0.5  # (D, 1)
         self.model = torch.nn.Sequential(
             torch.nn.Linear(8, width), torch.nn.Tanh(), torch.nn.Linear(width, 1)
         )
