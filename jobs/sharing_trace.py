@@ -72,7 +72,9 @@ class TraceConfig(Config):
         [1, 2, 4, 8],
         description="GPUs per provider, cycled over providers (each >= 1)",
     )
-    labs: int = Field(20, ge=1, description="labs owning the providers (static groups)")
+    labs: int = Field(
+        100, ge=1, description="labs owning the providers (static groups)"
+    )
     notice_s: float = Field(
         120.0, gt=0, description="notice a graceful departure gives, seconds"
     )

@@ -67,7 +67,7 @@ class SimSettings:
 
     num_providers: int = 1000
     provider_gpus: tuple[int, ...] = (8, 2)
-    num_labs: int = 20
+    num_labs: int = 100
     notice_s: float = 120.0
     sudden_fraction: float = 0.25
     checkpoint_interval_s: float = 600.0
