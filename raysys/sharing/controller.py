@@ -105,7 +105,7 @@ class _Workload:
     epoch: int = 0  # bumped whenever in-flight operations must be ignored
     busy: bool = False  # a start or evacuation is in flight
     step: int = 0
-    max_step_seen: int = 0
+    max_step_seen: int = 0  # highest step the current runner reported
     steps_executed: int = 0  # by earlier runners (as last reported)
     steps_run_now: int = 0  # by the current runner
     last_checkpoint_step: int | None = None
@@ -383,6 +383,7 @@ class SharingController:
             last_seen_step=w.max_step_seen,
         )
         self.migrations.append(record)
+        w.pending = record  # a sudden loss meanwhile completes this record
         self._migration_attempted("graceful")
         bound = max(0.5, min(self.config.stop_timeout_s, ev.time_left_s))
         answer = None
@@ -405,6 +406,7 @@ class SharingController:
         w.runner = None
         if answer is not None:
             self._absorb(w, answer)
+            record.last_seen_step = w.max_step_seen
             if answer["state"] == "done":
                 record.succeeded, record.finished_at = True, time.time()
                 record.note = "the workload finished before it had to move"
@@ -438,6 +440,7 @@ class SharingController:
         if w.pending is not None and w.pending.succeeded is None:
             w.pending.fell_back = True  # a graceful move that did not finish
             w.pending.note = f"{ev.provider} went before the move finished"
+            w.pending.last_seen_step = max(w.pending.last_seen_step, w.max_step_seen)
         else:
             w.pending = MigrationRecord(
                 workload_id=w.wid,
@@ -528,6 +531,8 @@ class SharingController:
         if w.pending is not None:
             self._resumed(w, w.pending, info["resumed_step"], placement.provider)
             w.pending = None
+        # Steps redone after a later loss count from this runner's progress.
+        w.max_step_seen = info["resumed_step"]
         # A provider that started leaving while this runner started.
         if self.providers[placement.provider].phase != "active":
             ev = next(
@@ -556,9 +561,7 @@ class SharingController:
     ) -> None:
         record.to_provider, record.resumed_step = provider, step
         record.finished_at = time.time()
-        record.lost_steps = max(
-            0, record.last_seen_step - step, (record.stop_step or 0) - step
-        )
+        record.lost_steps = max(0, record.last_seen_step - step)
         record.succeeded = True
         w.lost_steps += record.lost_steps
         lost_gpu_s = record.lost_steps * self._seconds_per_step(w) * w.spec.gpus

@@ -215,16 +215,29 @@ def test_failing_and_oversized_workloads_fail_alone(
         with pytest.raises(UnsatisfiableResources, match="asks 4 GPUs"):
             client.submit(Counter, dict(tenant="t", name="huge", gpus=4, num_steps=5))
         bad = client.submit(
-            FailsAtStep, dict(tenant="t", name="bad", gpus=0.5, num_steps=50), fail_at=6
+            FailsAtStep,
+            dict(tenant="t", name="bad", gpus=0.25, num_steps=50),
+            fail_at=6,
         )
         good = client.submit(
             Counter, dict(tenant="t", name="good", gpus=0.5, num_steps=40), increment=2
+        )
+        # open-ended (no num_steps): runs until cancelled
+        forever = client.submit(
+            Counter, dict(tenant="t", name="forever", gpus=0.25), step_delay_s=0.01
         )
         with pytest.raises(RemoteTimeout, match="have not finished"):
             client.wait([bad, good], timeout_s=0.01)
         final = client.wait([bad, good], timeout_s=PHASE_TIMEOUT_S)
         good_result = client.result(good)
         refused = client.workloads(["t/huge"])["t/huge"]
+        wait_until(
+            client,
+            lambda s: any(w.workload_id == forever and w.step > 5 for w in s.workloads),
+            "the open-ended workload running",
+        )
+        assert client.cancel(forever) == "cancelled"
+        cancelled = client.result(forever)
     finally:
         client.shutdown()
     assert final[bad].state == "failed"
@@ -232,3 +245,9 @@ def test_failing_and_oversized_workloads_fail_alone(
     assert final[good].state == "done"
     assert good_result.final_state == {"value": 80, "num_steps": 40}
     assert refused.state == "refused" and "could never be placed" in refused.reason
+    # cancel commits the state it stopped at
+    assert cancelled.state == "cancelled" and cancelled.step > 5
+    assert cancelled.final_state == {
+        "value": cancelled.step,
+        "num_steps": cancelled.step,
+    }
