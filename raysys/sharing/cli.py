@@ -50,12 +50,19 @@ def _resolve(address: str | None) -> tuple[str, local_cluster.ClusterState | Non
     return address, state
 
 
+def _uses_auth(state: local_cluster.ClusterState | None) -> bool:
+    """Token authentication unless the recorded cluster or the environment says off."""
+    if state is not None:
+        return state.auth
+    return os.environ.get("RAY_AUTH_MODE") != "disabled"
+
+
 def _connect(address: str, state: local_cluster.ClusterState | None) -> None:
     import ray
 
     from raysys.runtime.ray_env import enable_token_auth
 
-    if (state is not None and state.auth) or os.environ.get("RAY_AUTH_MODE") == "token":
+    if _uses_auth(state):
         enable_token_auth()
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
 
@@ -104,7 +111,7 @@ def cmd_join(argv: Sequence[str]) -> int:
     if args.gpus < 0:
         raise ConfigError(f"--gpus must be >= 0, got {args.gpus}")
     address, state = _resolve(args.address)
-    auth = state.auth if state else os.environ.get("RAY_AUTH_MODE") != "disabled"
+    auth = _uses_auth(state)
     cluster_id = state.cluster_id if state else f"ext-{uuid.uuid4().hex[:8]}"
     node_ip = args.node_ip
     if node_ip is None and address.split(":")[0] in ("127.0.0.1", "localhost"):
