@@ -17,6 +17,7 @@ when the bound runs out.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -95,6 +96,11 @@ class SharingClient:
             else dict(config or {})
         )
         data.update(overrides)
+        if isinstance(data.get("store"), os.PathLike):
+            data["store"] = os.fspath(data["store"])
+        if isinstance(data.get("store"), str) and "://" not in data["store"]:
+            # the controller and runners do not share this process's directory
+            data["store"] = os.path.abspath(data["store"])
         try:
             cfg = PlatformConfig.model_validate(data)
         except ValueError as e:
