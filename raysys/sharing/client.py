@@ -238,6 +238,29 @@ class SharingClient:
             "result", workload_id, timeout_s=max(self.call_timeout_s, 60.0)
         )
 
+    def call(
+        self,
+        workload_id: str,
+        method: str,
+        *args: Any,
+        timeout_s: float = 30.0,
+        **kwargs: Any,
+    ) -> Any:
+        """Call a public method of a running workload (a serving tenant's
+        ``submit``, a solver batch's ``progress``) and return its result.
+
+        Raises:
+            raysys.sharing.controller.WorkloadUnavailable: it is not running
+                now (queued or moving); try again.
+            AttributeError: the method is private, part of the contract or absent.
+            RemoteTimeout: no answer within ``timeout_s``.
+        """
+        ref = self._controller.call.remote(workload_id, method, args, kwargs, timeout_s)
+        try:
+            return bounded_get(ref, timeout_s + 5.0, f"call of {workload_id}.{method}")
+        except ray.exceptions.RayTaskError as e:
+            raise e.as_instanceof_cause() from None
+
     def cancel(self, workload_id: str) -> str:
         """Checkpoint and stop a workload; returns its final state."""
         return self._call("cancel", workload_id, timeout_s=self.call_timeout_s + 60.0)

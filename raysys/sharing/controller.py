@@ -43,7 +43,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raysys.runtime.errors import RemoteTimeout
+from raysys.runtime.errors import RaysysError, RemoteTimeout
 from raysys.runtime.local_cluster import PROVIDER_LABEL
 from raysys.sharing.agent import ensure_agent
 from raysys.sharing.drain import draining_nodes
@@ -73,6 +73,11 @@ from raysys.sharing.store import CheckpointStore
 from raysys.sharing.workload import WorkloadSpec
 
 logger = logging.getLogger(__name__)
+
+
+class WorkloadUnavailable(RaysysError):
+    """The workload is not running right now (queued, moving or ended)."""
+
 
 RAY_DEATH_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
@@ -704,6 +709,28 @@ class SharingController:
         w.reason = decision.reason
         self._place(time.time())
         return {"workload_id": w.wid, "accepted": True, "reason": decision.reason}
+
+    async def call(
+        self, workload_id: str, method: str, args: tuple, kwargs: dict, timeout_s: float
+    ) -> Any:
+        """Forward a call to a running workload's public method.
+
+        Raises:
+            WorkloadUnavailable: it is not running now (queued, migrating, ended).
+            RemoteTimeout: no answer within ``timeout_s``.
+        """
+        w = self.workloads.get(workload_id)
+        if w is None:
+            raise WorkloadUnavailable(f"unknown workload {workload_id!r}")
+        if w.state != "running" or w.runner is None:
+            raise WorkloadUnavailable(
+                f"{workload_id} is {w.state}, not running; try again once it runs"
+            )
+        return await self._bounded(
+            w.runner.call.remote(method, tuple(args), dict(kwargs)),
+            timeout_s,
+            "workload call",
+        )
 
     async def cancel(self, workload_id: str) -> str:
         """Stop a workload after a final checkpoint; returns its state."""

@@ -29,6 +29,10 @@ class Counter:
         self.num_steps += 1
         return {"value": float(self.value)}
 
+    def peek(self) -> int:
+        """The current value (callable from outside through the platform)."""
+        return self.value
+
     def state_dict(self) -> dict[str, Any]:
         return {"value": self.value, "num_steps": self.num_steps}
 

@@ -35,6 +35,10 @@ from raysys.sharing.workload import (
 
 logger = logging.getLogger(__name__)
 
+CONTRACT_METHODS = frozenset(
+    {"step", "state_dict", "load_state_dict", "setup", "is_done"}
+)
+
 
 def _error_text(e: BaseException) -> str:
     tb = "".join(traceback.format_exception(type(e), e, e.__traceback__)[-6:])
@@ -278,6 +282,23 @@ class WorkloadRunner:
     def stop(self) -> None:
         """Stop after the current step without a checkpoint."""
         self._stop.set()
+
+    def call(self, method: str, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """Call a public method of the running workload (not its contract
+        methods); how it shares state with ``step()`` is the workload's business.
+
+        Raises:
+            AttributeError: the method is private, part of the contract, or absent.
+        """
+        if method.startswith("_") or method in CONTRACT_METHODS:
+            raise AttributeError(
+                f"{method!r} cannot be called from outside: private or part of the "
+                "workload contract"
+            )
+        target = getattr(self.obj, method, None)
+        if not callable(target):
+            raise AttributeError(f"{type(self.obj).__name__} has no method {method!r}")
+        return target(*args, **kwargs)
 
 
 RemoteRunner = ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=4)(

@@ -12,6 +12,7 @@ import torch
 
 from raysys.runtime.errors import RemoteTimeout, UnsatisfiableResources
 from raysys.sharing import SharingClient, WorkloadSpec
+from raysys.sharing.controller import WorkloadUnavailable
 from raysys.sharing.examples import Counter, FailsAtStep, TinyTrainer, run_reference
 
 pytestmark = pytest.mark.slow
@@ -236,6 +237,12 @@ def test_failing_and_oversized_workloads_fail_alone(
             lambda s: any(w.workload_id == forever and w.step > 5 for w in s.workloads),
             "the open-ended workload running",
         )
+        # a running workload's public methods can be called from outside
+        assert client.call(forever, "peek") > 5
+        with pytest.raises(AttributeError, match="workload contract"):
+            client.call(forever, "step")
+        with pytest.raises(WorkloadUnavailable, match="is done, not running"):
+            client.call(good, "peek")
         assert client.cancel(forever) == "cancelled"
         cancelled = client.result(forever)
     finally:
