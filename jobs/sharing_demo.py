@@ -31,7 +31,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from raysys.runtime import Config, Report, init_ray, local_cluster, run_job
-from raysys.runtime.errors import ClusterError, RemoteTimeout
+from raysys.runtime.errors import ClusterError, RaysysError, RemoteTimeout
 from raysys.runtime.ray_env import PROJECT_ROOT
 
 logger = logging.getLogger("sharing_demo")
@@ -191,12 +191,17 @@ class _Cluster:
             local_cluster.down()
 
 
-def _wait(client, predicate, what: str, timeout_s: float):
+def _wait(client, predicate, what: str, timeout_s: float, *, too_late=None):
     deadline = time.monotonic() + timeout_s
     while True:
         status = client.status()
         if predicate(status):
             return status
+        if too_late is not None and too_late(status):
+            raise RaysysError(
+                f"demo: tenants finished before {what}; this machine starts runners "
+                "slowly, give them more work with a larger --num-steps or --step-delay-s"
+            )
         if time.monotonic() > deadline:
             raise RemoteTimeout(f"demo: {what} did not happen within {timeout_s:g} s")
         time.sleep(0.25)
@@ -244,10 +249,13 @@ def main(cfg: DemoConfig) -> DemoReport:
     client = None
     try:
         mode = cluster.connect()
+        # Paths first, then leave the working directory: a submitted job's
+        # directory is temporary, and the nodes started below keep their cwd.
+        cfg.out = cfg.out.resolve()
+        cfg.plot = cfg.plot.resolve() if cfg.plot else None
+        os.chdir(tempfile.gettempdir())
         cluster.add_providers(cfg.gpus_per_provider)
-        store = cfg.store or str(
-            cfg.out.parent.resolve() / f"checkpoints-{uuid.uuid4().hex[:6]}"
-        )
+        store = cfg.store or str(cfg.out.parent / f"checkpoints-{uuid.uuid4().hex[:6]}")
         client = SharingClient.start(
             store=store,
             controller_name=f"raysys-sharing-demo-{uuid.uuid4().hex[:6]}",
@@ -292,6 +300,7 @@ def main(cfg: DemoConfig) -> DemoReport:
             ),
             "every tenant running",
             budget,
+            too_late=lambda s: any(w.state in ("done", "failed") for w in s.workloads),
         )
         drained = max(status.providers, key=lambda p: len(p.tenants)).name
         logger.info(
