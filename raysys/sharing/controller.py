@@ -561,6 +561,8 @@ class SharingController:
             return None
         return max(0.0, p.leave_deadline_at - time.time())
 
+    # TODO: lost steps count from the last polled step; steps a runner finished
+    # after its last poll and before a sudden loss are redone but not counted.
     def _resumed(
         self, w: _Workload, record: MigrationRecord, step: int, provider: str
     ) -> None:

@@ -527,6 +527,9 @@ class PlacementPolicy:
 
     # -- placement ---------------------------------------------------------
 
+    # TODO: Ray packs fractional requests onto GPU instances by its own rule, so
+    # the GPU chosen here is advice; when Ray packs differently a runner can stay
+    # pending although this index found room (its bounded start then re-queues it).
     def _fit(self, work: _Work) -> tuple[_Provider, tuple[int, ...], str] | None:
         index = self._indexes.get(work.group_key)
         if index is None:
