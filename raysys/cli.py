@@ -10,6 +10,7 @@ raysys node head|provider [--dry-run] [-- RAY_START_ARGS]
                                                     of a multi-machine cluster
 raysys validate-cluster FILE...                     check launcher configs and
                                                     RayCluster manifests
+raysys provider join|leave ...                      lend or take back GPUs
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from raysys.runtime.config import build_parser, validate_config
 from raysys.runtime.entry import setup_logging
 from raysys.runtime.errors import ClusterError, ConfigError
 from raysys.runtime.ray_env import enable_token_auth
+from raysys.sharing import cli as sharing_cli
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +268,9 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "submit": cmd_submit,
     "node": cmd_node,
     "validate-cluster": cmd_validate_cluster,
+    "provider": sharing_cli.cmd_provider,
 }
+STATUS_SECTIONS.append(sharing_cli.status_section)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
