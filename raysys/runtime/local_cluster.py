@@ -178,7 +178,18 @@ def _node_env(cluster_id: str, node_name: str, auth: bool) -> dict[str, str]:
     return env
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _run_ray_start(args: list[str], env: dict[str, str], what: str) -> None:
+    # Ray's dashboard agent listens on a fixed default port (52365); a second Ray
+    # on the same machine holding it leaves this node without an agent, and job
+    # submission then fails with "No available agent". Pick a free one per node.
+    if not any(a.startswith("--dashboard-agent-listen-port") for a in args):
+        args = [*args, f"--dashboard-agent-listen-port={_free_port()}"]
     cmd = [ray_executable(), "start", "--disable-usage-stats", *args]
     logger.info("starting %s: %s", what, " ".join(cmd))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
