@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import shared_data
+from support import shared_data
 
 from raysys.sharing.simulation import SimSettings, Simulation
 from raysys.sharing.trace import AvailabilitySeries, TraceJob
