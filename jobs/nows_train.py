@@ -191,9 +191,18 @@ def main(cfg: NowsTrainConfig) -> None:
     test = stack_pairs(test_insts)
     resolution = int(train[0].shape[-1])
 
+    init_metadata = None
     if cfg.init_model is not None:
         model = FNO.load(cfg.init_model)
-        logger.info("fine-tuning the operator from %s", cfg.init_model)
+        init_metadata = dict(model.config.metadata)
+        logger.info(
+            "fine-tuning the operator from %s; its architecture (modes %d, width "
+            "%d, %d layers) replaces the architecture flags",
+            cfg.init_model,
+            model.config.modes,
+            model.config.width,
+            model.config.num_layers,
+        )
     else:
         arch = FNOConfig(
             in_channels=len(fam.feature_names),
@@ -232,6 +241,8 @@ def main(cfg: NowsTrainConfig) -> None:
         else None,
         "command": "python jobs/nows_train.py " + " ".join(sys.argv[1:]),
     }
+    if init_metadata is not None:
+        model.config.metadata["initialised_from"] = init_metadata
     model.save(out, dtype=getattr(torch, cfg.save_dtype))
     report = TrainReport(
         config=cfg.model_dump(),
@@ -248,7 +259,7 @@ def main(cfg: NowsTrainConfig) -> None:
         test_relative_energy=test_err.get("energy"),
         epoch_losses=hist.epoch_losses,
         epoch_test_relative_l2=hist.epoch_test_l2,
-        model_dir=str(out.resolve()),
+        model_dir=str(out),
     )
     report.write(out / "train_report.json")
     _plot(report, out / "train_loss.png")

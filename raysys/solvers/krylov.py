@@ -17,7 +17,7 @@ Every solve runs through `KrylovSolver.solve`, which
    residual contradicts is reported as not converged (and logged).
 
 Solvers: ``cg``, ``gmres`` (restarted, ``restart`` inner iterations per cycle;
-``maxiter`` caps inner iterations), ``bicgstab``, and ``amg-cg``: CG
+``maxiter`` caps inner iterations, rounded up to whole cycles), ``bicgstab``, and ``amg-cg``: CG
 preconditioned by one V-cycle of pyamg's smoothed-aggregation AMG (Vanek,
 Mandel, Brezina 1996). For ``amg-cg`` only products with A made by CG are
 counted; the V-cycle's own work shows in the time, and the hierarchy's setup
