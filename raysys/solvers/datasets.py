@@ -20,6 +20,7 @@ Files read (never unpickled):
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -69,15 +70,22 @@ def generate_instances(
     seed: int,
     *,
     with_reference: bool = True,
-    chunk_size: int = 32,
+    chunk_size: int | None = None,
     timeout_s: float = 1800.0,
 ) -> list[Instance]:
     """Generate instances in parallel Ray tasks (sample, assemble, reference solve).
+
+    Args:
+        chunk_size: instances per task; None spreads them over two tasks per
+            cluster CPU, at most 32 per task.
 
     Raises:
         RemoteTimeout: the tasks did not finish within ``timeout_s``.
     """
     get_family(family)  # fail before any task starts
+    if chunk_size is None:
+        num_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        chunk_size = max(1, min(32, math.ceil(num_instances / (2 * num_cpus))))
     chunks = [
         list(range(i, min(i + chunk_size, num_instances)))
         for i in range(0, num_instances, chunk_size)

@@ -61,7 +61,7 @@ class Predictor:
         """
         start = time.perf_counter()
         with torch.no_grad():
-            x = torch.from_numpy(np.ascontiguousarray(features, np.float32))
+            x = torch.tensor(np.asarray(features), dtype=torch.float32)
             y = self.model(x.to(self.device))[:, 0]  # (B, n, n)
             out = y.double().cpu().numpy()
         return out, time.perf_counter() - start

@@ -8,7 +8,9 @@ kind then gets its warm solve with the same solver and stopping rule:
 - ``coarse-grid``: the classical baseline, a direct solve on a grid
   ``coarse_factor`` times coarser, interpolated to the instance's grid.
 
-Both guesses get the same post-processing (Gauss-Seidel sweeps, policy).
+Both guesses get the same post-processing (Gauss-Seidel sweeps, policy). AMG-CG
+gets no sweeps: every V-cycle of its preconditioner already smooths, so sweeps
+on the guess would only add work.
 Whatever goes wrong with the instance becomes the ``error`` of its results;
 other instances are not affected.
 """
@@ -45,7 +47,8 @@ class SolveSettings:
         atol: absolute tolerance (threshold ``max(rtol ||b||, atol)``).
         maxiter: iteration cap, None for the solver default (10 N).
         restart: GMRES restart length.
-        num_smoothing_sweeps: Gauss-Seidel sweeps on every guess.
+        num_smoothing_sweeps: Gauss-Seidel sweeps on every guess (not for
+            ``amg-cg``, whose V-cycles smooth already).
         guesses: guess kinds to try (``operator``, ``coarse-grid``).
         coarse_factor: grid coarsening of the coarse-grid guess.
     """
@@ -58,6 +61,10 @@ class SolveSettings:
     num_smoothing_sweeps: int = 2
     guesses: tuple[str, ...] = ("operator",)
     coarse_factor: int = 2
+
+    def sweeps_for(self, solver: str) -> int:
+        """Gauss-Seidel sweeps on the guess for ``solver`` (none for AMG-CG)."""
+        return 0 if solver == "amg-cg" else self.num_smoothing_sweeps
 
 
 def failed_results(
@@ -136,6 +143,7 @@ def solve_instance(
             restart=settings.restart,
         )
         policy = WarmStartPolicy(symmetric=solver_name in SYMMETRIC_SOLVERS)
+        num_sweeps = settings.sweeps_for(solver_name)
         for rtol in settings.rtols:
             solver = copy.copy(base)  # shares the AMG hierarchy
             solver.rtol = rtol
@@ -146,7 +154,7 @@ def solve_instance(
                     b,
                     guess,
                     policy,
-                    num_smoothing_sweeps=settings.num_smoothing_sweeps,
+                    num_smoothing_sweeps=num_sweeps,
                     name=f"{inst.name} ({solver_name}, rtol {rtol:g}, {kind})",
                 )
                 results.append(

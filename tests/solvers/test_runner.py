@@ -115,6 +115,10 @@ def test_coarse_grid_and_operator_guesses_share_the_cold_solve():
             assert all(r.converged_cold and r.converged_warm for r in pair)
     near = [r for r in results if r.guess == "operator" and r.solver == "cg"]
     assert all(r.matvecs_warm < r.matvecs_cold for r in near)
+    for r in results:
+        # the policy's product, plus two sweeps for CG; AMG-CG's V-cycles smooth
+        sweeps = 0 if r.solver == "amg-cg" else 2
+        assert r.matvecs_warm == r.iterations_warm + 1 + sweeps
 
 
 def test_cg_on_a_non_symmetric_family_is_refused():
