@@ -22,7 +22,7 @@ import scipy.sparse.linalg as spla
 
 from raysys.solvers.families import Instance, PDEFamily
 from raysys.solvers.fields import resample
-from raysys.solvers.krylov import KrylovSolver, SolveResult
+from raysys.solvers.krylov import KrylovSolver, SolveResult, threshold
 from raysys.solvers.policy import (
     GuessMeasures,
     WarmStartDecision,
@@ -130,7 +130,7 @@ def warm_solve(
     """
     start = time.perf_counter()
     A = solver.A
-    thr = max(solver.rtol * float(np.linalg.norm(b)), solver.atol)
+    thr = threshold(b, solver.rtol, solver.atol)
     num_extra = 0
     x0 = None if guess is None else np.asarray(guess, dtype=np.float64).ravel()
     if x0 is not None and x0.shape != b.shape:
@@ -153,12 +153,10 @@ def warm_solve(
     if verdict.decision.is_fallback:
         logger.info("%s: falling back to x0 = 0: %s", name, verdict.reason)
         result = solver.solve(b)
-    elif verdict.decision is WarmStartDecision.ALREADY_CONVERGED:
-        logger.info("%s: no iterations needed: %s", name, verdict.reason)
-        result = solver.solve(b, x0, r0=r0)
     else:
-        logger.debug("%s: starting from the guess: %s", name, verdict.reason)
-        result = solver.solve(b, x0, r0=r0)
+        if verdict.decision is WarmStartDecision.ALREADY_CONVERGED:
+            logger.info("%s: no iterations needed: %s", name, verdict.reason)
+        result = solver.solve(b, x0, r0=r0)  # zero iterations when converged
     return WarmSolveResult(
         result=result,
         verdict=verdict,
