@@ -79,6 +79,7 @@ def _records(results, resolution, settings):
                         guess=guess,
                         median_matvec_reduction=s.median_matvec_reduction,
                         time_reduction=s.time_reduction,
+                        time_reduction_without_guess=s.time_reduction_without_guess,
                         num_instances=s.num_instances,
                         num_failed=s.num_failed,
                         num_fallbacks=s.num_fallbacks,
@@ -256,13 +257,15 @@ def print_table(report) -> None:
 
     print(
         f"{'n':>4} {'solver':<7} {'rtol':>6}  {'guess':<11} {'matvec red.':>11} "
-        f"{'time red.':>9}  {'iters cold->warm':>16}  fallbacks  converged"
+        f"{'time red.':>9} {'(no guess)':>10}  {'iters cold->warm':>16}  "
+        "fallbacks  converged"
     )
     for r in report.results:
         iters = f"{r.median_iterations_cold:g}->{r.median_iterations_warm:g}"
         print(
             f"{r.resolution:>4} {r.solver:<7} {r.rtol:>6.0e}  {r.guess:<11} "
-            f"{pct(r.median_matvec_reduction):>11} {pct(r.time_reduction):>9}  "
+            f"{pct(r.median_matvec_reduction):>11} {pct(r.time_reduction):>9} "
+            f"{pct(r.time_reduction_without_guess):>10}  "
             f"{iters:>16}  {r.num_fallbacks:>9}  "
             f"{r.num_converged_warm}/{r.num_instances - r.num_failed}"
         )

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import pyamg
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
@@ -123,8 +124,6 @@ class KrylovSolver:
         self.preconditioner = None
         self.setup_time_s = 0.0
         if solver == "amg-cg":
-            import pyamg
-
             start = time.perf_counter()
             hierarchy = pyamg.smoothed_aggregation_solver(self.A)
             self.preconditioner = hierarchy.aspreconditioner(cycle="V")

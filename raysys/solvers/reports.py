@@ -65,6 +65,11 @@ class SolveSummary(BaseModel):
     time_reduction: float | None = Field(
         description="1 - (total warm time + total guess time) / total cold time"
     )
+    time_reduction_without_guess: float | None = Field(
+        None,
+        description="1 - total warm time / total cold time: the saving when the "
+        "guess comes for free (a GPU's inference, or amortised)",
+    )
     median_iterations_cold: float | None = None
     median_iterations_warm: float | None = None
     total_time_cold_s: float = 0.0
@@ -91,6 +96,7 @@ def summarise(results: Sequence[InstanceResult]) -> SolveSummary:
         num_converged_warm=sum(bool(r.converged_warm) for r in done),
         median_matvec_reduction=statistics.median(reductions) if reductions else None,
         time_reduction=1.0 - (warm + guess) / cold if cold > 0 else None,
+        time_reduction_without_guess=1.0 - warm / cold if cold > 0 else None,
         median_iterations_cold=(
             statistics.median(r.iterations_cold for r in done) if done else None
         ),
@@ -150,6 +156,7 @@ class BenchRecord(BaseModel):
     guess: str
     median_matvec_reduction: float | None
     time_reduction: float | None
+    time_reduction_without_guess: float | None
     num_instances: int
     num_failed: int
     num_fallbacks: int

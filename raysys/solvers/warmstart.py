@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
+from pyamg.relaxation.relaxation import gauss_seidel
 
 from raysys.solvers.families import Instance, PDEFamily
 from raysys.solvers.fields import resample
@@ -45,8 +46,6 @@ def smooth(
     Returns:
         The smoothed copy of ``x``.
     """
-    from pyamg.relaxation.relaxation import gauss_seidel
-
     x = np.array(x, dtype=np.float64, copy=True)
     for k in range(num_sweeps):
         gauss_seidel(
