@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import ray
 from pydantic import Field, model_validator
 
 from raysys.runtime import Config, cluster_gpus, init_ray, run_job
@@ -111,37 +110,13 @@ def _plot(report, path: Path) -> None:
 def _train_remote_or_local(cfg, model, train, test, settings):
     """Train in this process, or in a GPU task when only the cluster has a GPU."""
     import torch
+    from tqdm import tqdm
 
-    from raysys.models.fno import FNO
-    from raysys.solvers.training import train_operator
+    from raysys.solvers.training import train_on_cluster_gpu, train_operator
 
     if not torch.cuda.is_available() and cluster_gpus() >= 1:
-
-        @ray.remote(num_gpus=1, max_retries=0)
-        def train_on_gpu(config_json, weights, train, test, settings):
-            import torch
-
-            settings.device = "cuda" if torch.cuda.is_available() else "cpu"
-            m = FNO.from_bytes(config_json, weights)
-            hist = train_operator(
-                m,
-                train,
-                test,
-                cfg.family,
-                settings,
-                lambda e, loss, t: logging.getLogger("nows_train").info(
-                    "epoch %d loss %.4f test L2 %s", e + 1, loss, t
-                ),
-            )
-            return m.to_bytes(), hist
-
         logger.info("training in a Ray task on a cluster GPU")
-        (config_json, weights), hist = ray.get(
-            train_on_gpu.remote(*model.to_bytes(), train, test, settings)
-        )
-        return FNO.from_bytes(config_json, weights), hist
-
-    from tqdm import tqdm
+        return train_on_cluster_gpu(model, train, test, cfg.family, settings)
 
     settings.device = "cuda" if torch.cuda.is_available() else "cpu"
     bar = tqdm(total=cfg.epochs, desc=f"training on {settings.device}", unit="epoch")

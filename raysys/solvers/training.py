@@ -25,10 +25,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import ray
 import torch
 import torch.nn.functional as F
 
 from raysys.models.fno import FNO, FNOConfig
+from raysys.runtime import bounded_get
 from raysys.solvers.families import Instance, get_family
 
 logger = logging.getLogger(__name__)
@@ -319,3 +321,45 @@ def train_operator(
     history.train_time_s = time.perf_counter() - start
     model.eval()
     return history
+
+
+@ray.remote(num_gpus=1, max_retries=0)
+def _train_task(
+    config_json: str,
+    weights: bytes,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor] | None,
+    family: str,
+    settings: TrainSettings,
+) -> tuple[tuple[str, bytes], TrainHistory]:
+    settings.device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = FNO.from_bytes(config_json, weights)
+
+    def log_epoch(epoch: int, loss: float, test_l2: float | None) -> None:
+        logger.info(
+            "epoch %d: loss %.4f, test relative L2 %s", epoch + 1, loss, test_l2
+        )
+
+    history = train_operator(model, train, test, family, settings, log_epoch)
+    return model.to_bytes(), history
+
+
+def train_on_cluster_gpu(
+    model: FNO,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor] | None,
+    family: str,
+    settings: TrainSettings,
+    timeout_s: float = 24 * 3600.0,
+) -> tuple[FNO, TrainHistory]:
+    """`train_operator` in a Ray task holding one of the cluster's GPUs.
+
+    The model travels as JSON + safetensors bytes both ways; per-epoch progress
+    is logged by the task and shows in the driver's log.
+
+    Raises:
+        RemoteTimeout: training did not finish within ``timeout_s``.
+    """
+    ref = _train_task.remote(*model.to_bytes(), train, test, family, settings)
+    (config_json, weights), history = bounded_get(ref, timeout_s, "GPU training")
+    return FNO.from_bytes(config_json, weights), history

@@ -113,3 +113,26 @@ def test_bad_solve_config_fails_before_any_work(capsys):
     code = run_job(job.NowsSolveConfig, job.main, ["--rtol", "1e-3"])
     assert code == 2
     assert "--data FILE or --generate N" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_training_and_predictions_use_a_gpu_provider(add_provider, tmp_path, caplog):
+    add_provider("gpu-lab", num_gpus=1)
+    train = load_job("nows_train")
+    argv = [
+        "--generate", "16", "--resolution", "12", "--num-test", "4", "--epochs", "1",
+        "--modes", "3", "--width", "4", "--num-layers", "1",
+        "--projection-channels", "4", "--out", str(tmp_path / "m"),
+    ]  # fmt: skip
+    with caplog.at_level("INFO"):
+        assert run_job(train.NowsTrainConfig, train.main, argv) == 0
+        solve = load_job("nows_solve")
+        argv = [
+            "--model", str(tmp_path / "m"), "--generate", "2", "--resolution", "12",
+            "--out", str(tmp_path / "r.json"),
+        ]  # fmt: skip
+        assert run_job(solve.NowsSolveConfig, solve.main, argv) == 0
+    assert "training in a Ray task on a cluster GPU" in caplog.text
+    assert "predictor actor with 1 GPU(s)" in caplog.text
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert all(r["converged_warm"] for r in report["instances"])
