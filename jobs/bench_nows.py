@@ -101,7 +101,11 @@ def _plot(records, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r.resolution, r.solver) for r in records})
+    order = {name: k for k, name in enumerate(("cg", "gmres", "bicgstab", "amg-cg"))}
+    groups = sorted(
+        {(r.resolution, r.solver) for r in records},
+        key=lambda g: (g[0], order.get(g[1], 9)),
+    )
     fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.6))
     axes = [axes] if len(groups) == 1 else list(axes)
     for ax, (res, solver) in zip(axes, groups, strict=True):
