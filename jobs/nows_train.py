@@ -63,9 +63,10 @@ class NowsTrainConfig(Config):
     padding_fraction: float = Field(
         0.125, ge=0, le=1, description="zero padding per axis, fraction of n"
     )
-    loss: Literal["l2", "h1", "energy", "energy+l2"] = Field(
-        "energy+l2",
-        description="training loss; energy (Darcy only) is what CG's saving tracks",
+    loss: Literal["l2", "h1", "energy", "energy+l2", "smoothed-energy"] | None = Field(
+        None,
+        description="training loss (default energy+l2 for darcy, l2 otherwise); "
+        "the energy losses are Darcy-only",
     )
     batch_size: int = Field(16, ge=1, description="training batch size")
     learning_rate: float = Field(3e-3, gt=0, description="peak learning rate")
@@ -87,6 +88,11 @@ class NowsTrainConfig(Config):
                 "give exactly one of --data FILE or --generate N "
                 f"(got data={self.data!r}, generate={self.generate!r})"
             )
+        if self.generate and self.family != "darcy" and "energy" in (self.loss or ""):
+            raise ValueError(
+                f"loss {self.loss!r} needs the Darcy energy; for {self.family!r} "
+                "use --loss l2 or h1"
+            )
         return self
 
 
@@ -97,7 +103,7 @@ def _plot(report, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.semilogy(report.epoch_losses, label=f"train loss ({report.config['loss']})")
+    ax.semilogy(report.epoch_losses, label="train loss")
     ax.semilogy(report.epoch_test_relative_l2, label="test relative L2")
     ax.set_xlabel("epoch")
     ax.legend()
@@ -162,6 +168,7 @@ def main(cfg: NowsTrainConfig) -> None:
         )
     family = train_insts[0].family
     fam = get_family(family)
+    loss = cfg.loss or ("energy+l2" if family == "darcy" else "l2")
     train = stack_pairs(train_insts)
     test = stack_pairs(test_insts)
     resolution = int(train[0].shape[-1])
@@ -193,7 +200,7 @@ def main(cfg: NowsTrainConfig) -> None:
         batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay,
-        loss=cfg.loss,
+        loss=loss,
         seed=cfg.seed,
         max_train_s=cfg.max_train_minutes * 60 if cfg.max_train_minutes else None,
     )
@@ -206,7 +213,7 @@ def main(cfg: NowsTrainConfig) -> None:
     model.config.metadata = {
         "family": family,
         "resolution": resolution,
-        "loss": cfg.loss,
+        "loss": loss,
         "num_train": len(train_insts),
         "num_epochs": hist.num_epochs,
         "train_time_s": round(hist.train_time_s, 1),

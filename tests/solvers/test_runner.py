@@ -130,3 +130,19 @@ def test_cg_on_a_non_symmetric_family_is_refused():
 def test_model_of_another_family_is_refused():
     with pytest.raises(InvalidInstance, match="trained on 'darcy'"):
         check_model_fits(scaled_solution_model(), "convection-diffusion")
+
+
+def test_convection_diffusion_solves_with_gmres_and_bicgstab():
+    inst = sample_instances("convection-diffusion", 20, 3, [0], True)[0]
+    settings = SolveSettings(
+        solvers=("gmres", "bicgstab"),
+        rtols=(1e-8,),
+        guesses=("operator", "coarse-grid"),
+    )
+    results = solve_instance(inst, inst.reference * 0.99, 0.0, settings)
+    assert len(results) == 4
+    for r in results:
+        assert r.converged_cold and r.converged_warm
+        assert r.residual_warm <= r.threshold
+    near = [r for r in results if r.guess == "operator"]
+    assert all(r.matvecs_warm < r.matvecs_cold for r in near)
