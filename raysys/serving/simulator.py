@@ -43,10 +43,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from raysys.runtime.errors import ConfigError
+from raysys.serving.metrics import FlipEvent, RequestRecord, summarize
 from raysys.serving.policy import (
     Dispatch,
     Flip,
@@ -82,54 +82,6 @@ class EngineConfig(BaseModel):
 
 
 @dataclass
-class RequestRecord:
-    """What happened to one request."""
-
-    request_id: int
-    arrival_s: float
-    prompt_tokens: int
-    output_tokens: int
-    prefill_instance: int = -1
-    decode_instance: int = -1
-    first_token_s: float = math.nan
-    finish_s: float = math.nan
-    handoff: bool = False
-    failed: bool = False
-    error: str = ""
-
-    @property
-    def ttft_s(self) -> float:
-        return self.first_token_s - self.arrival_s
-
-    @property
-    def tpot_s(self) -> float:
-        """Mean time per output token after the first (0 for one-token outputs)."""
-        if self.output_tokens <= 1:
-            return 0.0
-        return (self.finish_s - self.first_token_s) / (self.output_tokens - 1)
-
-    @property
-    def completed(self) -> bool:
-        return not self.failed and math.isfinite(self.finish_s)
-
-    def meets(self, slo: SloTargets) -> bool:
-        return (
-            self.completed and self.ttft_s <= slo.ttft_s and self.tpot_s <= slo.tpot_s
-        )
-
-
-@dataclass
-class FlipEvent:
-    """A role flip carried out at ``time_s``."""
-
-    time_s: float
-    instance_id: int
-    from_role: str
-    to_role: str
-    reason: str
-
-
-@dataclass
 class SimResult:
     """Outcome of one simulated replay."""
 
@@ -144,13 +96,7 @@ class SimResult:
 
     def attainment(self, slo: SloTargets) -> float:
         """Share of all requests that completed within both SLOs."""
-        if not self.records:
-            return 0.0
-        return sum(r.meets(slo) for r in self.records) / len(self.records)
-
-    def percentile(self, what: str, q: float) -> float:
-        values = [getattr(r, what) for r in self.records if r.completed]
-        return float(np.percentile(values, q)) if values else math.nan
+        return summarize(self.records, slo).slo_attainment
 
 
 class _Job:
