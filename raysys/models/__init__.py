@@ -1,0 +1,1 @@
+"""Torch model code shared by the raysys systems."""

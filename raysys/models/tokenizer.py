@@ -1,0 +1,61 @@
+"""Byte-level tokenizer for the project's own tiny models.
+
+Every UTF-8 byte is its own token (ids 0-255), followed by three special tokens:
+BOS (256), EOS (257) and PAD (258). Any text encodes without unknown tokens, and
+decoding the ids of an encoded text gives that text back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+NUM_BYTE_TOKENS = 256
+BOS_ID = 256
+EOS_ID = 257
+PAD_ID = 258
+VOCAB_SIZE = 259
+
+
+class ByteTokenizer:
+    """Text <-> token ids, one token per UTF-8 byte plus BOS/EOS/PAD specials."""
+
+    bos_id = BOS_ID
+    eos_id = EOS_ID
+    pad_id = PAD_ID
+    vocab_size = VOCAB_SIZE
+
+    def encode(
+        self, text: str, *, add_bos: bool = True, add_eos: bool = False
+    ) -> list[int]:
+        """Token ids of ``text``, optionally framed by BOS and EOS."""
+        ids = list(text.encode("utf-8"))
+        if add_bos:
+            ids.insert(0, BOS_ID)
+        if add_eos:
+            ids.append(EOS_ID)
+        return ids
+
+    def decode(self, ids: Iterable[int], *, skip_special: bool = True) -> str:
+        """Text of ``ids``; invalid UTF-8 (a sequence cut mid-character) becomes U+FFFD.
+
+        Raises:
+            ValueError: an id is outside ``[0, vocab_size)``.
+        """
+        data = bytearray()
+        for token in ids:
+            token = int(token)
+            if token < NUM_BYTE_TOKENS and token >= 0:
+                data.append(token)
+            elif token < VOCAB_SIZE and token >= 0:
+                if not skip_special:
+                    data.extend(self.special_name(token).encode())
+            else:
+                raise ValueError(
+                    f"token id {token} is outside the byte vocabulary [0, {VOCAB_SIZE})"
+                )
+        return data.decode("utf-8", errors="replace")
+
+    @staticmethod
+    def special_name(token: int) -> str:
+        """The printable name of a special token id (``<bos>``, ``<eos>``, ``<pad>``)."""
+        return {BOS_ID: "<bos>", EOS_ID: "<eos>", PAD_ID: "<pad>"}[token]
