@@ -5,14 +5,13 @@ The policy objects are the very ones the real front end uses
 (`raysys.serving.policy`); the simulator only carries their decisions out, so
 policies differ in their decisions and in nothing else.
 
-Every instance runs the same local scheduler, one step at a time (continuous
-batching with chunked prefill, as vLLM and Sarathi-Serve do):
+Every instance runs the local scheduler of `raysys.serving.batching` (the one
+the real engine runs), one step at a time:
 
 1. sequences whose KV is on the instance join the decode batch, up to
    ``max_num_seqs``;
-2. each decoding sequence takes one token of the step's token budget
-   (``max_step_tokens``); the rest goes to the prompts queued on the instance,
-   first come first served, a long prompt split into chunks over steps;
+2. the rest of the step's token budget goes to queued prompts in chunks
+   (`plan_prefill`);
 3. the step lasts `LatencyProfile.step_time_s` of what it holds, so decodes
    that share a step with a prefill chunk wait for it (interference);
 4. at the end of the step each decoding sequence has one more token; a prompt
@@ -43,9 +42,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from raysys.runtime.errors import ConfigError
+from raysys.serving.batching import EngineConfig, plan_prefill
 from raysys.serving.metrics import FlipEvent, RequestRecord, summarize
 from raysys.serving.policy import (
     Dispatch,
@@ -60,25 +58,6 @@ from raysys.serving.profile import LatencyProfile
 from raysys.serving.trace import Trace
 
 logger = logging.getLogger(__name__)
-
-
-class EngineConfig(BaseModel):
-    """The local scheduler of every instance (the same for every policy)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_step_tokens: int = Field(
-        2048, ge=1, description="token budget of one step (decode tokens + chunks)"
-    )
-    max_num_seqs: int = Field(
-        256, ge=1, description="most sequences decoding at once on one instance"
-    )
-    itl_smoothing: float = Field(
-        0.3,
-        gt=0,
-        le=1,
-        description="weight of the newest step in the observed inter-token latency",
-    )
 
 
 @dataclass
@@ -326,20 +305,12 @@ class Simulator:
             inst.pending_tokens -= job.context_tokens
 
         # 2. the rest of the token budget goes to queued prompts, in order.
-        budget = self.engine.max_step_tokens - len(inst.running)
-        chunks: list[tuple[_Job, int]] = []
-        capacity = inst.profile.kv_capacity_tokens
-        for job in inst.prefill_queue:
-            if budget <= 0:
-                break
+        free = inst.profile.kv_capacity_tokens - inst.kv_used
+        chunks = plan_prefill(inst.prefill_queue, len(inst.running), free, self.engine)
+        for job, _ in chunks:
             if not job.admitted:
-                if inst.kv_used + job.kv_tokens > capacity:
-                    break
                 inst.kv_used += job.kv_tokens
                 job.admitted = True
-            num_tokens = min(job.remaining, budget)
-            chunks.append((job, num_tokens))
-            budget -= num_tokens
         if not chunks and not inst.running:
             inst.busy = False
             return
