@@ -33,7 +33,7 @@ class EngineConfig(BaseModel):
         2048, ge=1, description="token budget of one step (decode tokens + chunks)"
     )
     max_num_seqs: int = Field(
-        256, ge=1, description="most sequences decoding at once on one instance"
+        512, ge=1, description="most sequences decoding at once on one instance"
     )
     itl_smoothing: float = Field(
         0.3,

@@ -311,19 +311,22 @@ class ServingPolicy(ABC):
         own = self.profile(state.instance_id).prefill_time_s(request.prompt_tokens)
         return (float(state.decode_tokens), self.queued_prefill_s(state) + own)
 
-    def max_batch_tokens(self, instance_id: int) -> int:
-        return self.profile(instance_id).max_batch_tokens(self.slo.tpot_s)
+    def max_batch_tokens(
+        self, instance_id: int, tokens_per_seq: float | None = None
+    ) -> int:
+        """MT(i): the most batch tokens within the TPOT target (and KV memory),
+        spreading any per-sequence cost over ``tokens_per_seq``."""
+        return self.profile(instance_id).max_batch_tokens(
+            self.slo.tpot_s, tokens_per_seq
+        )
 
     def decode_cost(
         self, state: InstanceState, context_tokens: int
     ) -> tuple[float, float]:
         """(prefill tokens that would interfere, batch tokens above MT)."""
-        excess = (
-            state.decode_tokens
-            + context_tokens
-            - self.max_batch_tokens(state.instance_id)
-        )
-        return (float(state.prefill_tokens), float(excess))
+        tokens = state.decode_tokens + context_tokens
+        mt = self.max_batch_tokens(state.instance_id, tokens / (state.num_decode + 1))
+        return (float(state.prefill_tokens), float(tokens - mt))
 
     def prefill_load(self, state: InstanceState) -> float:
         """Predicted queued prefill time over the TTFT target."""
@@ -332,7 +335,10 @@ class ServingPolicy(ABC):
     def decode_load(self, state: InstanceState) -> float:
         """Observed inter-token latency over the TPOT target, or batch tokens
         over MT, whichever is higher."""
-        mt = self.max_batch_tokens(state.instance_id)
+        if state.num_decode == 0:
+            return state.observed_itl_s / self.slo.tpot_s
+        per_seq = state.decode_tokens / state.num_decode
+        mt = self.max_batch_tokens(state.instance_id, per_seq)
         memory = state.decode_tokens / mt if mt > 0 else math.inf
         return max(state.observed_itl_s / self.slo.tpot_s, memory)
 

@@ -409,10 +409,13 @@ def roofline_profile(
       FLOPs per pair of causal attention positions (``a``), at ``mfu`` of the
       peak; ``c`` is one read of the weights at ``mbu`` of the bandwidth plus
       ``step_fixed_s`` (kept additive: an upper bound for short prompts);
-    - decode: memory-bound; ``β`` reads the weights once, ``α`` reads one
-      token's KV (``2·layers·kv_heads·head_dim`` values) at ``mbu``; compute
-      per sequence (``2·params`` FLOPs) is assumed hidden under the memory
-      time, which holds while the batch stays below the crossover logged here;
+    - decode: ``β`` reads the weights once and ``α`` reads one token's KV
+      (``2·layers·kv_heads·head_dim`` values) at ``mbu`` of the bandwidth;
+      ``γ`` is each sequence's ``2·params`` FLOPs at ``mfu``. Memory and
+      compute times are added, not overlapped: exact for small batches, an
+      upper bound past the batch size where compute alone reaches the weight
+      read time (logged here), and in line with the step times serving
+      engines report for large batches, which sit above the pure roofline;
     - KV capacity: ``tp·memory·memory_utilization`` minus weights and the
       activation reserve, divided by the KV bytes per token;
     - handoff: ``kv_link_bytes_per_s`` (25 GB/s is a 200 Gb/s RDMA link per
@@ -457,7 +460,7 @@ def roofline_profile(
     per_token_s = 2 * model.num_params / flops
     crossover = weight_read_s / per_token_s
     logger.info(
-        "roofline %s on %dx %s: decode stays memory-bound up to ~%d sequences",
+        "roofline %s on %dx %s: decode compute reaches the weight read at ~%d sequences",
         model.name,
         a.tensor_parallel,
         gpu.name,
@@ -470,7 +473,7 @@ def roofline_profile(
         prefill_s_per_token=per_token_s,
         prefill_overhead_s=weight_read_s + a.step_fixed_s,
         decode_s_per_batch_token=kv_bytes_per_token / bandwidth,
-        decode_s_per_seq=0.0,
+        decode_s_per_seq=per_token_s,
         decode_overhead_s=weight_read_s + a.step_fixed_s,
         kv_capacity_tokens=int(free_bytes // kv_bytes_per_token),
         kv_bytes_per_token=kv_bytes_per_token,

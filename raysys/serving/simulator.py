@@ -42,6 +42,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from raysys.runtime.errors import ConfigError
 from raysys.serving.batching import EngineConfig, plan_prefill
 from raysys.serving.metrics import FlipEvent, RequestRecord, summarize
@@ -498,3 +500,67 @@ def find_goodput(
             hi = mid
     curve.sort()
     return GoodputResult(name, lo, lo * trace.mean_rate_rps, curve)
+
+
+@dataclass
+class Headroom:
+    """A fluid upper bound on what changing roles can gain over a fixed split."""
+
+    ratio: float  # best static split's peak need / adaptive peak need (>= 1)
+    best_num_prefill: int
+    window_s: float
+    prefill_share_min: float
+    prefill_share_max: float
+
+
+def adaptive_headroom(
+    trace: Trace,
+    profile: LatencyProfile,
+    num_instances: int,
+    *,
+    window_s: float,
+    tpot_s: float,
+) -> Headroom:
+    """How much more load than the best fixed split an ideal role-adaptive pool
+    carries, in a fluid model of the trace.
+
+    Each request's work is its prefill time plus its decode tokens at the cost
+    per token of a full decode batch (the largest within ``tpot_s`` and KV
+    memory, at the trace's mean context). Per window of ``window_s`` trace
+    seconds, the work rate of each phase is in instances busy. An adaptive
+    pool needs ``max_w (P_w + D_w)`` instances; a split with ``k`` prefill
+    instances needs ``N·max(max_w P_w / k, max_w D_w / (N - k))``. Their ratio,
+    at the best ``k``, bounds the goodput gain of any policy that only changes
+    roles (queueing and interference aside).
+    """
+    if num_instances < 2:
+        raise ConfigError("a split needs at least 2 instances")
+    arrivals = np.array([r.arrival_s for r in trace])
+    prompts = np.array([r.prompt_tokens for r in trace], dtype=float)
+    outputs = np.array([r.output_tokens for r in trace], dtype=float)
+    context = float(np.mean(prompts + outputs / 2))
+    batch_tokens = profile.max_batch_tokens(tpot_s, context)
+    num_seqs = max(batch_tokens / context, 1.0)
+    per_token_s = (
+        profile.decode_step_time_s(int(batch_tokens), int(num_seqs)) / num_seqs
+    )
+    prefill = np.array([profile.prefill_time_s(int(n)) for n in prompts])
+    decode = np.maximum(outputs - 1, 0) * per_token_s
+    windows = (arrivals // window_s).astype(int)
+    p = np.bincount(windows, prefill) / window_s
+    d = np.bincount(windows, decode) / window_s
+    adaptive = float((p + d).max())
+    needs = {
+        k: num_instances * max(p.max() / k, d.max() / (num_instances - k))
+        for k in range(1, num_instances)
+    }
+    best = min(needs, key=needs.get)
+    busy = (p + d) > 0
+    share = p[busy] / (p + d)[busy]
+    return Headroom(
+        ratio=needs[best] / adaptive,
+        best_num_prefill=best,
+        window_s=window_s,
+        prefill_share_min=float(share.min()),
+        prefill_share_max=float(share.max()),
+    )
