@@ -126,8 +126,8 @@ class ServingFront:
         spec: how to start the instances (model, engine, resources).
         num_instances: instances to start.
         config: timeouts and retries.
-        on_handoff: called as ``(request_id, source, target)`` right after a
-            handoff's orders are sent (tests use it to inject failures).
+        on_handoff: called as ``(request_id, source, target)`` when a handoff
+            starts, before its orders are sent (tests inject failures with it).
 
     Raises:
         RemoteTimeout: the instances were not ready within ``ready_timeout_s``.
@@ -431,11 +431,13 @@ class ServingFront:
             self.ops[ref] = _Op("continue", tracked.key, source)
             return
         tracked.phase = Phase.HANDOFF
+        if self.on_handoff is not None:
+            self.on_handoff(tracked.record.request_id, source, target)
+            if tracked.phase != Phase.HANDOFF or not self.alive[target]:
+                return  # the hook cancelled it, or retried it elsewhere
         exported = self.actors[source].export_kv.remote(tracked.key)
         accepted = self.actors[target].accept_kv.remote(tracked.key, exported)
         self.ops[accepted] = _Op("accept", tracked.key, target, source)
-        if self.on_handoff is not None:
-            self.on_handoff(tracked.record.request_id, source, target)
 
     def _pend(self, i: int, delta: list[float]) -> None:
         self.pending[i] = [a + b for a, b in zip(self.pending[i], delta, strict=True)]
@@ -458,6 +460,15 @@ class ServingFront:
             return ray.get(ref, timeout=0)
         except ray.exceptions.RayActorError:
             self._instance_died(i)
+        return None
+
+    def _instance_of(self, actor_id: str | None) -> int | None:
+        """The instance whose actor has this (hex) id."""
+        if actor_id is None:
+            return None
+        for i, actor in enumerate(self.actors):
+            if actor._actor_id.hex() == actor_id:
+                return i
         return None
 
     def _on_poll(self, ref: Any, i: int) -> None:
@@ -491,12 +502,13 @@ class ServingFront:
         try:
             report = ray.get(ref, timeout=0)
         except ray.exceptions.RayActorError as e:
-            # A handoff involves two actors and either may be the dead one; the
-            # dead one's long poll fails too and marks it. Other orders involve
-            # only their own instance.
-            if op.kind != "accept":
-                self._instance_died(op.instance_id)
-            self._op_failed(op, f"an instance died ({type(e).__name__})")
+            # A handoff involves two actors; the error names the dead one.
+            dead = self._instance_of(e.actor_id)
+            if dead is None and op.kind != "accept":
+                dead = op.instance_id
+            if dead is not None:
+                self._instance_died(dead)
+            self._op_failed(op, f"instance {dead} died")
             return
         except ray.exceptions.RayTaskError as e:
             self._op_failed(op, str(e.cause if e.cause is not None else e))
