@@ -558,7 +558,7 @@ def adaptive_headroom(
     busy = (p + d) > 0
     share = p[busy] / (p + d)[busy]
     return Headroom(
-        ratio=needs[best] / adaptive,
+        ratio=float(needs[best] / adaptive),
         best_num_prefill=best,
         window_s=window_s,
         prefill_share_min=float(share.min()),

@@ -326,3 +326,19 @@ def test_make_policy_names():
         make_policy("static", PROFILE, SLO)
     with pytest.raises(ConfigError, match="unknown policy"):
         make_policy("random", PROFILE, SLO)
+
+
+def test_per_sequence_decode_cost_lowers_mt_for_short_sequences():
+    profile = PROFILE.model_copy(update={"decode_s_per_seq": 1e-3})
+    policy = ArrowPolicy(profile, SLO)
+    # 40 ms of room: 10 sequences of 100 tokens cost 10 x (100 x 1e-5 + 1e-3).
+    short = InstanceState.of(0, D, decode_context_tokens=[100] * 10)
+    # per token: 1e-5 + 1e-3 / 100 = 2e-5 -> MT = 2000, load = 1000 / 2000
+    assert policy.decode_load(short) == pytest.approx(0.5)
+    long = InstanceState.of(0, D, decode_context_tokens=[1000])
+    # per token: 1e-5 + 1e-6 = 1.1e-5 -> MT = 3636
+    assert policy.decode_load(long) == pytest.approx(1000 / 3636)
+    # A decode of 101 tokens joining `short`: 1101 tokens over 11 sequences.
+    per_token = 1e-5 + 1e-3 / (1101 / 11)
+    mt = int(0.04 / per_token + 1e-6)
+    assert policy.decode_cost(short, 101) == pytest.approx((0.0, 1101 - mt))

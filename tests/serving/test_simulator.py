@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from raysys.serving.batching import EngineConfig
 from raysys.serving.policy import (
     ArrowPolicy,
     ColocatedPolicy,
@@ -11,7 +12,7 @@ from raysys.serving.policy import (
     StaticSplitPolicy,
 )
 from raysys.serving.profile import LatencyProfile
-from raysys.serving.simulator import EngineConfig, find_goodput, simulate
+from raysys.serving.simulator import adaptive_headroom, find_goodput, simulate
 from raysys.serving.trace import Trace, TraceRequest, generate_shifting_trace
 
 PROFILE = LatencyProfile(
@@ -205,3 +206,31 @@ def test_policies_complete_every_request_of_a_shifting_trace():
         for r in result.records:
             assert r.ttft_s >= PROFILE.prefill_time_s(r.prompt_tokens) - 1e-9
             assert r.finish_s >= r.first_token_s
+
+
+def test_headroom_of_alternating_phases_matches_the_fluid_bound():
+    # Prefill costs 1 ms per token; each decode token costs 10 ms of one instance.
+    profile = PROFILE.model_copy(
+        update={
+            "prefill_s_per_token_sq": 0.0,
+            "prefill_overhead_s": 0.0,
+            "decode_s_per_batch_token": 0.0,
+            "decode_s_per_seq": 0.01,
+            "decode_overhead_s": 0.0,
+        }
+    )
+    # Window 0: 10 prompts of 1000 tokens, one token out (10 s of prefill work).
+    # Window 1: 10 one-token prompts, 101 tokens out (10 s of decode work).
+    requests = [(float(k), 1000, 1) for k in range(10)]
+    requests += [(10.0 + k, 1, 101) for k in range(10)]
+    trace = trace_of(*requests)
+    for num_instances in (2, 4):
+        headroom = adaptive_headroom(
+            trace, profile, num_instances, window_s=10.0, tpot_s=1.0
+        )
+        # Adaptive: max(1.0 + 0, 0.001 + 1.0) instances busy; a split needs one
+        # instance's worth in each pool at its peak: N * 1/(N/2) = 2.
+        assert headroom.ratio == pytest.approx(2.0 / 1.001)
+        assert headroom.best_num_prefill == num_instances // 2
+        assert headroom.prefill_share_min == pytest.approx(0.001 / 1.001)
+        assert headroom.prefill_share_max == pytest.approx(1.0)
