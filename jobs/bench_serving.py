@@ -94,9 +94,9 @@ class BenchConfig(Config):
     real_instances: int = Field(4, ge=2, description="instance actors in the real run")
     real_requests: int = Field(120, ge=4, description="requests in the real run")
     real_rate_scale: float = Field(
-        3.0, gt=0, description="rate scale of the trace in the real run"
+        1.0, gt=0, description="rate scale of the trace in the real run"
     )
-    real_ttft_slo_s: float = Field(1.0, gt=0, description="real-run TTFT target, s")
+    real_ttft_slo_s: float = Field(2.0, gt=0, description="real-run TTFT target, s")
     real_tpot_slo_s: float = Field(0.1, gt=0, description="real-run TPOT target, s")
     sim_workers: int = Field(
         2, ge=1, description="local processes running simulations in parallel"
@@ -255,11 +255,12 @@ def simulate_policies(cfg: BenchConfig, trace: Trace, profile: LatencyProfile):
 
 
 def curves_for(cfg, trace, profile, chosen: dict[str, tuple[str, int | None]], top):
-    """Full runs at evenly spaced scales up to 1.3x the best goodput."""
+    """Full runs at evenly spaced scales from 0.4x to 1.4x the best goodput."""
     slo = SloTargets(ttft_s=cfg.ttft_slo_s, tpot_s=cfg.tpot_slo_s)
     if cfg.curve_points == 0 or top <= 0:
         return {}
-    scales = [top * 1.3 * (i + 1) / cfg.curve_points for i in range(cfg.curve_points)]
+    n = cfg.curve_points
+    scales = [top * (0.4 + 1.0 * i / max(n - 1, 1)) for i in range(n)]
     jobs = [(label, scale) for label in chosen for scale in scales]
     calls = [
         (_attainment, *chosen[label], profile, slo, trace, cfg, scale)

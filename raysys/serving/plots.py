@@ -48,7 +48,7 @@ def plot_timeline(
         )
         ax.axhline(target, color="black", lw=0.8, ls="--", label="target")
         ax.set_yscale("log")
-        ax.set_ylabel(what.replace("_s", " (s)").upper())
+        ax.set_ylabel(what.removesuffix("_s").upper() + " (s)")
     axes[0].legend(loc="upper left", fontsize=8)
     roles = dict(enumerate(initial_roles))
     end = max((r.finish_s for r in done), default=0.0)
