@@ -12,8 +12,9 @@
 Without ``--trace`` the built-in shifting trace is used (prompt-heavy and
 output-heavy phases alternating). In real mode the latency profile the policy
 predicts with is measured on the real engine first (or read from ``--profile``
-when that names a file), and requests longer than the model's context are
-clipped to it and counted. Writes the JSON report and a PNG timeline next to it.
+when that names a file) and saved next to the report (``*.profile.json``);
+requests longer than the model's context are clipped to it and counted. Writes
+the JSON report and a PNG timeline next to it.
 """
 
 from __future__ import annotations
@@ -214,6 +215,8 @@ def run(cfg: ServeTraceConfig) -> ServeTraceReport:
         records, flips, policy = outcome.records, outcome.flips, outcome.policy
         num_clipped = outcome.num_clipped
         profile_name = outcome.profile.name
+        # The measured profile, reusable with --profile FILE.
+        outcome.profile.save(cfg.out.with_suffix(".profile.json"))
     summary = summarize(records, slo)
     report = ServeTraceReport(
         mode=cfg.mode,

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from scipy.optimize import nnls
 
 from raysys.runtime.errors import ConfigError
 
@@ -225,6 +224,8 @@ def fit_profile(
     Raises:
         ConfigError: fewer than 3 samples of either kind.
     """
+    from scipy.optimize import nnls  # a heavy import, needed only here
+
     if len(prefill_samples) < 3 or len(decode_samples) < 3:
         raise ConfigError(
             f"fitting needs at least 3 prefill and 3 decode samples, got "
