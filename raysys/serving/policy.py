@@ -209,6 +209,13 @@ class ArrowConfig(BaseModel):
     monitor_interval_s: float = Field(
         1.0, gt=0, description="seconds between two monitor ticks"
     )
+    ttft_margin: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="a prefill instance is feasible while its predicted TTFT is "
+        "within this share of the target (1: the target itself)",
+    )
     initial_prefill_fraction: float = Field(
         0.5, gt=0, lt=1, description="share of instances that start as prefill"
     )
@@ -463,7 +470,8 @@ class ArrowPolicy(ServingPolicy):
                 )
             )
         costs = [(self.prefill_cost(s, request), s) for s in pool]
-        feasible = [c for c in costs if c[0][1] <= self.slo.ttft_s]
+        budget = self.config.ttft_margin * self.slo.ttft_s
+        feasible = [c for c in costs if c[0][1] <= budget]
         if feasible:
             cost, best = _cheapest(feasible)
             return self._decide(
@@ -478,7 +486,7 @@ class ArrowPolicy(ServingPolicy):
                     victim,
                     FlipReason.DISPATCH_PREFILL,
                     now_s,
-                    f"no prefill instance meets TTFT {self.slo.ttft_s:g} s "
+                    f"no prefill instance meets TTFT {budget:g} s "
                     f"(best predicts {min(c[0][1] for c in costs):.2f} s), decode "
                     f"load {decode_load:.2f} < {self.config.shrink_threshold:g}",
                 )

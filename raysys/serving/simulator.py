@@ -454,8 +454,11 @@ def find_goodput(
     Scales up (or down) by doubling from ``start_scale`` until the attainment
     crosses ``target``, then bisects geometrically until the bracket is within
     ``rel_tol``. Runs above the bar stop early once the bar can no longer be
-    met. The goodput in requests per second is the scale times the trace's
-    mean rate.
+    met; the attainment recorded for them counts only the requests finished by
+    then (a lower bound, below ``target`` either way). The goodput in requests
+    per second is the scale times the trace's mean rate. Attainment falls
+    steeply past the goodput, and not always monotonically (a flip more or
+    less changes a run), so the search is precise to about ``rel_tol``.
     """
     curve: list[tuple[float, float]] = []
     name = make_policy().name

@@ -342,3 +342,18 @@ def test_per_sequence_decode_cost_lowers_mt_for_short_sequences():
     per_token = 1e-5 + 1e-3 / (1101 / 11)
     mt = int(0.04 / per_token + 1e-6)
     assert policy.decode_cost(short, 101) == pytest.approx((0.0, 1101 - mt))
+
+
+def test_ttft_margin_tightens_prefill_feasibility():
+    states = [
+        InstanceState.of(0, P, prefill=queued(500)),  # predicts 0.51 + 0.11 s
+        InstanceState.of(1, D),
+        InstanceState.of(2, D),
+    ]
+    request = RequestInfo(7, 100)
+    assert arrow().dispatch_prefill(request, states, 0.0).reason is (
+        DispatchReason.FEASIBLE
+    )
+    d = arrow(ttft_margin=0.5).dispatch_prefill(request, states, 0.0)
+    assert d.reason is DispatchReason.FLIPPED  # 0.62 s > 0.5 x 1 s
+    assert d.instance_id == 1
