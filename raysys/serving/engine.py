@@ -177,6 +177,8 @@ class Engine:
         self.incoming: deque[Seq] = deque()
         self.ready: deque[Seq] = deque()
         self.running: list[Seq] = []
+        # TODO: KV is accounted in tokens over per-sequence caches, not a paged
+        # block pool, so fragmentation and block rounding are not modelled.
         self.kv_used_tokens = 0
         self.itl_s = 0.0
         self.num_steps = 0

@@ -204,6 +204,8 @@ class Simulator:
 
     # -- request life ----------------------------------------------------------
 
+    # TODO: no preemption: each request reserves its final length up front,
+    # which a real engine cannot do; memory-bound overload is gentler here.
     def _arrive(self, record: RequestRecord) -> None:
         info = RequestInfo(record.request_id, record.prompt_tokens)
         dispatch = self.policy.dispatch_prefill(info, self._states(), self.now)
