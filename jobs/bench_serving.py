@@ -334,9 +334,12 @@ def run(cfg: BenchConfig) -> BenchReport:
     best = statics[best_label]
 
     def ratio(a: GoodputResult, b: GoodputResult) -> float:
-        return a.goodput_scale / b.goodput_scale if b.goodput_scale > 0 else math.inf
+        if b.goodput_scale > 0:
+            return a.goodput_scale / b.goodput_scale
+        return math.inf if a.goodput_scale > 0 else math.nan
 
-    window = cfg.ttft_slo_s * max(arrow.goodput_scale, 1e-9)
+    # Windows of the TTFT target's length at the rate Arrow sustains.
+    window = cfg.ttft_slo_s * (arrow.goodput_scale or cfg.start_scale)
     headroom = adaptive_headroom(
         trace, profile, cfg.instances, window_s=window, tpot_s=cfg.tpot_slo_s
     )

@@ -540,6 +540,8 @@ def adaptive_headroom(
     """
     if num_instances < 2:
         raise ConfigError("a split needs at least 2 instances")
+    # At most 100,000 windows, whatever window length is asked for.
+    window_s = max(window_s, trace.duration_s / 100_000, 1e-9)
     arrivals = np.array([r.arrival_s for r in trace])
     prompts = np.array([r.prompt_tokens for r in trace], dtype=float)
     outputs = np.array([r.output_tokens for r in trace], dtype=float)
