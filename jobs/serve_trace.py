@@ -100,6 +100,9 @@ class ServeTraceConfig(Config):
     real_num_cpus: float = Field(
         0.5, ge=0, description="real mode: logical CPUs per instance actor"
     )
+    real_num_gpus: float = Field(
+        0.0, ge=0, description="real mode: GPUs per instance actor (0: CPU)"
+    )
     real_max_step_tokens: int = Field(
         256, ge=8, description="real mode: token budget of one engine step"
     )
@@ -196,6 +199,7 @@ def run(cfg: ServeTraceConfig) -> ServeTraceReport:
             context_tokens=cfg.real_model_context,
             kv_capacity_tokens=cfg.real_kv_capacity_tokens,
             num_cpus=cfg.real_num_cpus,
+            num_gpus=cfg.real_num_gpus,
             max_step_tokens=cfg.real_max_step_tokens,
             seed=cfg.seed,
         )

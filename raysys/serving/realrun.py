@@ -37,13 +37,20 @@ class RealRunSettings(BaseModel):
     context_tokens: int = Field(512, ge=16, description="model context length")
     kv_capacity_tokens: int = Field(16384, ge=64, description="KV tokens/instance")
     num_cpus: float = Field(0.5, ge=0, description="logical CPUs per instance")
+    num_gpus: float = Field(
+        0.0, ge=0, description="GPUs per instance (0: the model runs on CPU)"
+    )
     max_step_tokens: int = Field(256, ge=8, description="token budget of a step")
     max_num_seqs: int = Field(64, ge=1, description="decode batch limit")
     seed: int = Field(0, description="seed of the weights and the prompts")
     request_timeout_s: float = Field(120.0, gt=0, description="per-request bound")
 
     def source(self) -> ModelSource:
-        return ModelSource(max_position_embeddings=self.context_tokens, seed=self.seed)
+        return ModelSource(
+            max_position_embeddings=self.context_tokens,
+            seed=self.seed,
+            device="cuda" if self.num_gpus > 0 else "cpu",
+        )
 
     def engine(self) -> EngineConfig:
         return EngineConfig(
@@ -75,7 +82,9 @@ def engine_profile(
     import torch
 
     torch.set_num_threads(1)
-    model = settings.source().build()
+    # TODO: measured in the driver (on CUDA when it has one); instances on
+    # other hardware than the driver would need their own measurement.
+    model = settings.source().model_copy(update={"device": "auto"}).build()
     profile = measure_profile(
         model,
         settings.engine(),
@@ -128,6 +137,7 @@ def run_real(
         engine=settings.engine(),
         kv_capacity_tokens=settings.kv_capacity_tokens,
         num_cpus=settings.num_cpus,
+        num_gpus=settings.num_gpus,
     )
     front = ServingFront(
         policy,
