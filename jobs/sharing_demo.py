@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -30,9 +29,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from raysys.runtime import Config, Report, init_ray, local_cluster, run_job
+from raysys.runtime import Config, Report, run_job
 from raysys.runtime.errors import ClusterError, RaysysError, RemoteTimeout
-from raysys.runtime.ray_env import PROJECT_ROOT
+from raysys.sharing.localpool import LocalPool
 
 logger = logging.getLogger("sharing_demo")
 
@@ -110,87 +109,6 @@ class DemoReport(Report):
     plot: str | None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Cluster:
-    """The cluster the demo runs on, and the provider nodes it adds."""
-
-    def __init__(self) -> None:
-        self.own = False
-        self.state: local_cluster.ClusterState | None = None
-        self.cluster_id = f"demo-{uuid.uuid4().hex[:8]}"
-        self.markers: dict[str, str] = {}
-
-    def connect(self) -> str:
-        # Nodes the demo starts inherit this environment: let their workers
-        # import this copy of raysys (a submitted job ships it by itself).
-        paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-        if str(PROJECT_ROOT) not in paths:
-            os.environ["PYTHONPATH"] = os.pathsep.join(
-                [str(PROJECT_ROOT), *filter(None, paths)]
-            )
-        if (
-            not os.environ.get("RAY_ADDRESS")
-            and local_cluster.running_cluster() is None
-        ):
-            os.environ["RAYSYS_STATE_DIR"] = tempfile.mkdtemp(prefix="raysys-demo-")
-            cfg = local_cluster.LocalClusterConfig(
-                providers=0,
-                port=_free_port(),
-                dashboard_port=_free_port(),
-                object_store_mb=256,
-            )
-            logger.info("no cluster running: starting a local one on port %d", cfg.port)
-            local_cluster.up(cfg)
-            self.own = True
-        self.state = local_cluster.running_cluster()
-        mode = init_ray()
-        return "own local cluster" if self.own else mode
-
-    def add_providers(self, gpus: float) -> None:
-        import ray
-
-        address = ray.get_runtime_context().gcs_address
-        auth = (
-            self.state.auth
-            if self.state
-            else os.environ.get("RAY_AUTH_MODE") == "token"
-        )
-        cluster_id = self.state.cluster_id if self.state else self.cluster_id
-        host = address.rsplit(":", 1)[0]
-        for name in PROVIDERS:
-            record = local_cluster.start_provider_node(
-                address,
-                name,
-                num_gpus=gpus,
-                num_cpus=2,
-                cluster_id=cluster_id,
-                auth=auth,
-                object_store_mb=128,
-                node_ip="127.0.0.1" if host in ("127.0.0.1", "localhost") else None,
-            )
-            self.markers[name] = record.marker
-
-    def kill(self, name: str) -> None:
-        """Switch a provider off: its processes vanish at once."""
-        local_cluster.kill_marked(
-            local_cluster.NODE_MARKER, self.markers.pop(name), 0.0
-        )
-
-    def close(self) -> None:
-        import ray
-
-        ray.shutdown()
-        for name in list(self.markers):
-            self.kill(name)
-        if self.own:
-            local_cluster.down()
-
-
 def _wait(client, predicate, what: str, timeout_s: float, *, too_late=None):
     deadline = time.monotonic() + timeout_s
     while True:
@@ -245,7 +163,7 @@ def main(cfg: DemoConfig) -> DemoReport:
     from raysys.sharing.examples import Counter, TinyTrainer, run_reference
 
     started = time.monotonic()
-    cluster = _Cluster()
+    cluster = LocalPool("demo")
     client = None
     try:
         mode = cluster.connect()
@@ -254,7 +172,7 @@ def main(cfg: DemoConfig) -> DemoReport:
         cfg.out = cfg.out.resolve()
         cfg.plot = cfg.plot.resolve() if cfg.plot else None
         os.chdir(tempfile.gettempdir())
-        cluster.add_providers(cfg.gpus_per_provider)
+        cluster.add_providers(list(PROVIDERS), cfg.gpus_per_provider)
         store = cfg.store or str(cfg.out.parent / f"checkpoints-{uuid.uuid4().hex[:6]}")
         client = SharingClient.start(
             store=store,

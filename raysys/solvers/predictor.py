@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
@@ -71,9 +72,16 @@ class Predictor:
         return self.device
 
 
-def start_predictor(model: FNO, num_cpus: float = 1.0) -> ray.actor.ActorHandle:
-    """A `Predictor` actor, on a GPU when the cluster declares one."""
-    num_gpus = 1.0 if cluster_gpus() >= 1.0 else 0.0
+def start_predictor(
+    model: FNO, num_cpus: float = 1.0, num_gpus: float | None = None, **options: Any
+) -> ray.actor.ActorHandle:
+    """A `Predictor` actor, on a GPU when the cluster declares one.
+
+    ``num_gpus`` None: one GPU if the cluster declares one, else none; other
+    keyword arguments are Ray actor options.
+    """
+    if num_gpus is None:
+        num_gpus = 1.0 if cluster_gpus() >= 1.0 else 0.0
     config_json, weights = model.to_bytes()
     logger.info(
         "starting the predictor actor with %g GPU(s) (cluster declares %g)",
@@ -81,6 +89,6 @@ def start_predictor(model: FNO, num_cpus: float = 1.0) -> ray.actor.ActorHandle:
         cluster_gpus(),
     )
     actor_cls = ray.remote(Predictor)
-    return actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(
+    return actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, **options).remote(
         config_json, weights, max(1, int(num_cpus))
     )

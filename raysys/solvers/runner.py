@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import ray
@@ -85,6 +86,8 @@ def run_solves(
     timeout_s: float = 3600.0,
     max_in_flight: int | None = None,
     progress: bool = True,
+    task_options: dict[str, Any] | None = None,
+    predictor_options: dict[str, Any] | None = None,
 ) -> RunOutcome:
     """Solve every instance cold and warm on the cluster.
 
@@ -96,6 +99,11 @@ def run_solves(
         timeout_s: bound on the whole run; the rest are reported timed out.
         max_in_flight: most solve tasks running at once (None: all submitted).
         progress: show a progress bar.
+        task_options: Ray options for the solve tasks (a tenant of the sharing
+            platform keeps them near its own node and lets Ray retry them when
+            a node vanishes: ``max_retries`` counts system failures only).
+        predictor_options: Ray options for the predictor actor (``num_gpus``,
+            ``max_restarts``, ``max_task_retries``, a scheduling strategy).
     """
     start = time.perf_counter()
     wants_operator = "operator" in settings.guesses
@@ -121,7 +129,7 @@ def run_solves(
         families = {instances[i].family for i, _ in valid}
         for family in families:
             check_model_fits(model, family)
-        actor = start_predictor(model)
+        actor = start_predictor(model, **(predictor_options or {}))
         by_shape: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
         for i, feats in valid:
             by_shape.setdefault(feats.shape, []).append((i, feats))
@@ -146,7 +154,9 @@ def run_solves(
             while queue and len(pending) < limit:
                 i = queue.pop(0)
                 ref, row = predictions[i]
-                task = solve_instance_task.remote(instances[i], ref, row, settings)
+                task = solve_instance_task.options(**(task_options or {})).remote(
+                    instances[i], ref, row, settings
+                )
                 pending[task] = i
             remaining = deadline - time.perf_counter()
             if remaining <= 0:

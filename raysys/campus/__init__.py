@@ -1,0 +1,1 @@
+"""The campus job's parts: the systems as sharing-platform tenants, and its report."""
