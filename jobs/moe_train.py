@@ -3,9 +3,9 @@
     python jobs/moe_train.py --out-dir raysys/moe/pretrained
 
 A tiny dense Llama is trained on the running interpreter's stdlib ``.py`` files
-(byte tokenizer); it is saved as the draft, sparse-upcycled into a Mixtral,
-whose experts and routers are trained on with a load-balancing loss; that is
-saved as the target. Both are Hugging Face folders (``config.json`` +
+(byte tokenizer) and sparse-upcycled into a Mixtral, whose experts and routers
+are trained on with a load-balancing loss: that is the target. The dense
+model's MLPs are then distilled from the target: that is the draft. Both are Hugging Face folders (``config.json`` +
 ``model.safetensors``, float16). Writes ``train_report.json`` and
 ``train_loss.png`` next to them.
 """
@@ -50,10 +50,14 @@ class TrainConfig(Config):
     top_k: int = Field(2, gt=0, description="experts per token in the target")
     seq_len: int = Field(256, gt=8, description="training window in bytes")
     batch_size: int = Field(16, gt=0, description="windows per step")
-    dense_steps: int = Field(400, gt=0, description="training steps of the draft")
-    dense_lr: float = Field(3e-3, gt=0, description="peak learning rate, dense")
+    dense_steps: int = Field(450, gt=0, description="training steps of the draft")
+    dense_lr: float = Field(4e-3, gt=0, description="peak learning rate, dense")
     moe_steps: int = Field(300, gt=0, description="training steps after upcycling")
     moe_lr: float = Field(2e-3, gt=0, description="peak learning rate, MoE phase")
+    distill_steps: int = Field(
+        150, ge=0, description="steps distilling the target into the draft's MLPs"
+    )
+    distill_lr: float = Field(2e-3, gt=0, description="peak learning rate, distil")
     aux_loss_coef: float = Field(
         0.02, ge=0, description="weight of the load-balancing loss"
     )
@@ -68,15 +72,22 @@ class TrainReport(Report):
     corpus_files: int = Field(description="source files read")
     train_tokens: int = Field(description="bytes in the training split")
     valid_tokens: int = Field(description="bytes in the validation split")
-    dense_valid_loss: float = Field(description="draft validation loss (nats/byte)")
+    dense_valid_loss: float = Field(
+        description="dense model validation loss before distillation (nats/byte)"
+    )
+    draft_valid_loss: float = Field(description="draft validation loss (nats/byte)")
     moe_valid_loss: float = Field(description="target validation loss (nats/byte)")
     upcycled_valid_loss: float = Field(
         description="target validation loss right after upcycling (equals dense)"
     )
     dense_train_s: float = Field(description="seconds training the draft")
     moe_train_s: float = Field(description="seconds training the target")
+    distill_s: float = Field(description="seconds distilling the draft")
     greedy_agreement: float = Field(
         description="held-out positions where draft and target argmax agree"
+    )
+    greedy_agreement_before_distill: float = Field(
+        description="the same for the dense model before distillation"
     )
     expert_load: list[list[float]] = Field(
         description="per layer, share of routed slots per expert"
@@ -87,10 +98,11 @@ class TrainReport(Report):
     predictor_recall: list[float] = Field(
         description="per layer, target top-k experts found in the predicted top-k"
     )
-    draft_dir: str = Field(description="saved draft checkpoint")
-    target_dir: str = Field(description="saved target checkpoint")
+    draft_dir: str = Field(description="saved draft checkpoint, under out_dir")
+    target_dir: str = Field(description="saved target checkpoint, under out_dir")
     dense_log: dict = Field(description="draft loss curve")
     moe_log: dict = Field(description="target loss curve")
+    distill_log: dict = Field(description="draft distillation curve")
 
 
 def _bar(total: int, desc: str):
@@ -158,6 +170,22 @@ def main(cfg: TrainConfig) -> TrainReport:
     )
     bar.close()
     moe_loss = training.evaluate(target, corpus.valid, cfg.seq_len, seed=1)
+    before = training.pair_stats(dense, target, corpus.valid, cfg.seq_len)
+
+    bar, update = _bar(cfg.distill_steps, "distil")
+    distill_log = training.distill(
+        dense,
+        target,
+        corpus,
+        num_steps=cfg.distill_steps,
+        lr=cfg.distill_lr,
+        seed=cfg.seed + 2,
+        trainable=training.is_mlp,
+        progress=update,
+        **common,
+    )
+    bar.close()
+    draft_loss = training.evaluate(dense, corpus.valid, cfg.seq_len, seed=1)
     stats = training.pair_stats(dense, target, corpus.valid, cfg.seq_len)
 
     draft_dir = save_model(dense.to(torch.float16), out / "draft")
@@ -167,31 +195,41 @@ def main(cfg: TrainConfig) -> TrainReport:
         train_tokens=corpus.train.numel(),
         valid_tokens=corpus.valid.numel(),
         dense_valid_loss=dense_loss,
+        draft_valid_loss=draft_loss,
         moe_valid_loss=moe_loss,
         upcycled_valid_loss=upcycled_loss,
         dense_train_s=dense_log.elapsed_s,
         moe_train_s=moe_log.elapsed_s,
+        distill_s=distill_log.elapsed_s,
         greedy_agreement=stats.greedy_agreement,
+        greedy_agreement_before_distill=before.greedy_agreement,
         expert_load=stats.expert_load,
         predictor_top1=stats.predictor_top1,
         predictor_recall=stats.predictor_recall,
-        draft_dir=str(draft_dir),
-        target_dir=str(target_dir),
+        draft_dir=draft_dir.name,
+        target_dir=target_dir.name,
         dense_log=vars(dense_log),
         moe_log=vars(moe_log),
+        distill_log=vars(distill_log),
     )
     report.write(out / "train_report.json")
-    _plot(dense_log, moe_log, out / "train_loss.png")
+    _plot(dense_log, moe_log, distill_log, out / "train_loss.png")
     print(
-        f"draft valid loss {dense_loss:.3f}, target {moe_loss:.3f} "
-        f"(upcycled {upcycled_loss:.3f}); agreement {stats.greedy_agreement:.3f}; "
+        f"valid loss: dense {dense_loss:.3f}, target {moe_loss:.3f} (upcycled "
+        f"{upcycled_loss:.3f}), draft {draft_loss:.3f}; agreement "
+        f"{before.greedy_agreement:.3f} -> {stats.greedy_agreement:.3f}; "
         f"predictor top-1 {[round(x, 3) for x in stats.predictor_top1]}"
     )
     print(f"wrote {draft_dir} and {target_dir}")
     return report
 
 
-def _plot(dense_log: training.TrainLog, moe_log: training.TrainLog, path: Path):
+def _plot(
+    dense_log: training.TrainLog,
+    moe_log: training.TrainLog,
+    distill_log: training.TrainLog,
+    path: Path,
+):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,6 +245,14 @@ def _plot(dense_log: training.TrainLog, moe_log: training.TrainLog, path: Path):
         label="target (upcycled MoE)",
     )
     ax.axvline(offset, color="grey", lw=0.8, ls="--")
+    later = offset + len(moe_log.steps)
+    ax.plot(
+        [later + s for s in distill_log.valid_steps],
+        distill_log.valid_loss,
+        "^-",
+        label="draft (dense, MLPs distilled)",
+    )
+    ax.axvline(later, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("training step")
     ax.set_ylabel("validation loss (nats/byte)")
     ax.legend()

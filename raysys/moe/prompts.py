@@ -12,12 +12,13 @@ from pathlib import Path
 
 from raysys.runtime.errors import ConfigError
 
-# Beginnings of Python modules, the text the project's own pair was trained on.
+# Beginnings of Python modules, the text the bundled pair was trained on (its
+# corpus indents with one tab per level; see `raysys.moe.training`).
 BUILTIN_PROMPTS = [
     '"""Helpers for reading and writing configuration files."""\n\nimport os\n',
-    'class Stack:\n    """A last-in, first-out stack."""\n\n    def __init__(self):\n',
-    "import sys\n\n\ndef main(argv=None):\n    if argv is None:\n        argv = sys.argv[1:]\n",
-    'def read_lines(path, encoding=\'utf-8\'):\n    """Return the lines of the file at *path*."""\n',
+    'class Stack:\n\t"""A last-in, first-out stack."""\n\n\tdef __init__(self):\n',
+    "import sys\n\n\ndef main(argv=None):\n\tif argv is None:\n\t\targv = sys.argv[1:]\n",
+    'def read_lines(path, encoding="utf-8"):\n\t"""Return the lines of the file at *path*."""\n',
 ]
 
 # How a prompt from a file is framed for the byte-level pair: as the docstring

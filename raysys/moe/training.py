@@ -2,7 +2,10 @@
 
 The corpus is the Python standard library's source files of the running
 interpreter (present offline everywhere Python is), read with the byte-level
-tokenizer. Steps:
+tokenizer, with each line's leading indentation written as one tab per four
+spaces (`indent_with_tabs`): a model this small cannot count a dozen spaces and
+falls into endless runs of them under greedy decoding, while it handles one
+token per indentation level well. Steps:
 
 1. train a tiny dense Llama on the corpus (this is the draft);
 2. sparse-upcycle it (Komatsuzaki et al., 2023): every MLP becomes E copies plus
@@ -12,7 +15,12 @@ tokenizer. Steps:
    receiving tokens and the experts specialise. Attention, norms and embeddings
    stay frozen in this phase, so the draft's attention outputs stay close to the
    target's and the target's routers can score them (the structural match the
-   expert predictor relies on).
+   expert predictor relies on);
+4. distil the target into the dense model's MLPs (the final draft): its MLPs
+   learn to match the target's next-token distribution (Hinton et al., 2015),
+   which raises how often drafts are accepted, while its attention, norms and
+   embeddings stay the ones it shares with the target, so the residual streams
+   of the two models stay aligned layer by layer.
 """
 
 from __future__ import annotations
@@ -68,6 +76,16 @@ def corpus_files(root: str | Path | None = None) -> list[Path]:
     return files
 
 
+def indent_with_tabs(text: str, width: int = 4) -> str:
+    """Each line's leading spaces as one tab per ``width`` (the rest kept)."""
+    lines = []
+    for line in text.split("\n"):
+        stripped = line.lstrip(" ")
+        levels, rest = divmod(len(line) - len(stripped), width)
+        lines.append("\t" * levels + " " * rest + stripped)
+    return "\n".join(lines)
+
+
 @dataclass
 class Corpus:
     """Token ids of the training and validation files, one flat tensor each.
@@ -86,7 +104,7 @@ class Corpus:
         train: list[int] = []
         valid: list[int] = []
         for i, path in enumerate(files):
-            text = path.read_text(encoding="utf-8", errors="replace")
+            text = indent_with_tabs(path.read_text(encoding="utf-8", errors="replace"))
             ids = tokenizer.encode(text, add_bos=True, add_eos=True)
             (valid if i % valid_every == 0 else train).extend(ids)
         return cls(
@@ -231,6 +249,76 @@ def train(
     return log
 
 
+def distill(
+    draft: Transformer,
+    target: Transformer,
+    corpus: Corpus,
+    *,
+    num_steps: int,
+    batch_size: int,
+    seq_len: int,
+    lr: float,
+    seed: int,
+    trainable: Callable[[str], bool] | None = None,
+    eval_every: int = 100,
+    progress: Callable[[int, float], None] | None = None,
+) -> TrainLog:
+    """Train ``draft`` towards ``target``'s next-token distributions (KL divergence).
+
+    Args:
+        trainable: which draft parameters (by name) are trained; default all.
+    """
+    params = []
+    for name, param in draft.named_parameters():
+        param.requires_grad_(trainable is None or trainable(name))
+        if param.requires_grad:
+            params.append(param)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    log = TrainLog()
+    start = time.perf_counter()
+    target.eval()
+    draft.train()
+    data = batches(corpus.train, batch_size, seq_len, seed)
+    for step in range(num_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, num_steps, lr, warmup=max(1, num_steps // 20))
+        inputs, _ = next(data)
+        with torch.no_grad():
+            teacher = F.log_softmax(target(inputs).float(), dim=-1)  # (B, T, V)
+        student = F.log_softmax(draft(inputs).float(), dim=-1)  # (B, T, V)
+        loss = F.kl_div(
+            student.reshape(-1, student.shape[-1]),
+            teacher.reshape(-1, teacher.shape[-1]),
+            log_target=True,
+            reduction="batchmean",
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        log.steps.append(step)
+        log.train_loss.append(loss.item())
+        log.aux_loss.append(0.0)
+        if progress is not None:
+            progress(step, log.train_loss[-1])
+        if (step + 1) % eval_every == 0 or step + 1 == num_steps:
+            log.valid_steps.append(step + 1)
+            log.valid_loss.append(evaluate(draft, corpus.valid, seq_len, seed=1))
+            draft.train()
+            logger.info(
+                "distil step %d/%d: KL %.3f, draft valid loss %.3f",
+                step + 1,
+                num_steps,
+                log.train_loss[-1],
+                log.valid_loss[-1],
+            )
+    for param in draft.parameters():
+        param.requires_grad_(False)
+    draft.eval()
+    log.elapsed_s = time.perf_counter() - start
+    return log
+
+
 def fixed_windows(
     data: Tensor, num_windows: int, seq_len: int, seed: int
 ) -> tuple[Tensor, Tensor]:
@@ -299,6 +387,11 @@ def is_expert_or_router(name: str) -> bool:
     return ".mlp.experts." in name or ".mlp.gate." in name
 
 
+def is_mlp(name: str) -> bool:
+    """Parameters trained in the distillation phase: the dense MLPs."""
+    return ".mlp." in name
+
+
 __all__ = [
     "BOS_ID",
     "EOS_ID",
@@ -306,8 +399,11 @@ __all__ = [
     "PairStats",
     "TrainLog",
     "corpus_files",
+    "distill",
     "evaluate",
+    "indent_with_tabs",
     "is_expert_or_router",
+    "is_mlp",
     "load_balancing_loss",
     "pair_stats",
     "stdlib_root",
