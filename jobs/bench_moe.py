@@ -18,7 +18,14 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from raysys.moe.engine import MODES, MoEEngine, MoEEngineConfig, SequenceRun
+from raysys.moe.engine import (
+    MODES,
+    MoEEngine,
+    MoEEngineConfig,
+    SequenceRun,
+    cache_capacity,
+    store_facts,
+)
 from raysys.moe.prompts import DEFAULT_TEMPLATE, read_prompts
 from raysys.moe.reports import GenerationReport
 from raysys.runtime import ConfigError, Report, run_job
@@ -111,13 +118,17 @@ def _ratio(slow: float | None, fast: float | None) -> float | None:
 
 def main(cfg: BenchConfig) -> BenchReport:
     prompts = read_prompts(cfg.prompts, cfg.num_prompts, cfg.prompt_template)
+    expert_nbytes, num_experts = store_facts(cfg)
+    capacity, quarter = (
+        cache_capacity(cfg, expert_nbytes, num_experts),
+        num_experts // 4,
+    )
+    if capacity > quarter:
+        raise ConfigError(
+            f"cache of {capacity} experts is more than a quarter of the "
+            f"{num_experts} experts; give --cache-experts <= {quarter}"
+        )
     with MoEEngine(MoEEngineConfig.of(cfg)) as engine:
-        quarter = engine.num_experts_total // 4
-        if engine.capacity > quarter:
-            raise ConfigError(
-                f"cache of {engine.capacity} experts is more than a quarter of the "
-                f"{engine.num_experts_total} experts; give --cache-experts <= {quarter}"
-            )
         engine.set_mode("sd-prefetch", cfg.cutoff)
         cutoff, decision = engine.cutoff, engine.decision
 

@@ -11,9 +11,21 @@ once its weights arrived. Two marks keep needed experts in:
 - *protected*: prefetched for the coming verification pass; not evicted to make
   room for another prefetch until that pass has used (or passed) its layer.
 
-Only READY, unpinned, unprotected entries are evicted, least recently used
-first. The caller (`raysys.moe.fetcher.ExpertFetcher`) holds its lock around
-every call.
+Only READY, unpinned, unprotected entries are evicted. Which one goes is the
+eviction policy's choice:
+
+- ``lru``: the least recently used (what mixtral-offloading does);
+- ``layer-cyclic``: the one whose layer comes round again last. A decoder
+  reads its layers in a fixed cycle (0, 1, .., L-1, then 0 again for the next
+  token or pass), so while layer ``c`` is computed, an expert of layer ``l`` is
+  next needed ``(l - c - 1) mod L`` layers later; evicting the furthest one is
+  Belady's rule for this access order (ties: least recently used). Under LRU a
+  pass that needs more experts than the cache holds evicts every expert just
+  before it is needed again, and nothing ever hits. With this policy a
+  prefetch only evicts an expert needed later than the one it brings.
+
+The caller (`raysys.moe.fetcher.ExpertFetcher`) holds its lock around every
+call.
 """
 
 from __future__ import annotations
@@ -23,12 +35,15 @@ import logging
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from raysys.models.mixtral import ExpertWeights
 
 logger = logging.getLogger(__name__)
 
 ExpertKey = tuple[int, int]
+EvictionPolicy = Literal["lru", "layer-cyclic"]
+EVICTION_POLICIES: tuple[str, ...] = ("lru", "layer-cyclic")
 
 
 class EntryState(enum.Enum):
@@ -63,14 +78,30 @@ class ExpertCache:
 
     Args:
         capacity: experts held at most (temporarily exceeded only by pinned ones).
+        policy: which evictable entry goes first (see the module docstring).
+        num_layers: layers of the model (the cycle of ``layer-cyclic``).
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(
+        self, capacity: int, policy: EvictionPolicy = "lru", num_layers: int = 1
+    ) -> None:
         if capacity < 1:
             raise ValueError(f"cache capacity must be >= 1 expert, got {capacity}")
+        if policy not in EVICTION_POLICIES:
+            raise ValueError(
+                f"eviction policy {policy!r} is not one of {', '.join(EVICTION_POLICIES)}"
+            )
         self.capacity = capacity
+        self.policy = policy
+        self.num_layers = num_layers
+        # The layer being computed; between passes the last one, so layer 0 is next.
+        self.position = num_layers - 1
         self.entries: OrderedDict[ExpertKey, CacheEntry] = OrderedDict()
         self.stats = CacheStats()
+
+    def distance(self, layer: int) -> int:
+        """Layers computed before ``layer`` is next needed (0: it is next)."""
+        return (layer - self.position - 1) % self.num_layers
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -95,15 +126,22 @@ class ExpertCache:
             self.entries.move_to_end(key)
         return entry
 
-    def _evictable(self) -> ExpertKey | None:
-        for key, entry in self.entries.items():  # oldest first
-            if (
-                entry.state is EntryState.READY
-                and not entry.pins
-                and not entry.protected
-            ):
-                return key
-        return None
+    def _evictable(self, needed_before: int | None = None) -> ExpertKey | None:
+        # ``needed_before``: only entries needed later than that distance qualify.
+        candidates = [
+            key
+            for key, entry in self.entries.items()  # least recently used first
+            if entry.state is EntryState.READY
+            and not entry.pins
+            and not entry.protected
+        ]
+        if self.policy == "lru":
+            return candidates[0] if candidates else None
+        if needed_before is not None:
+            candidates = [k for k in candidates if self.distance(k[0]) > needed_before]
+        if not candidates:
+            return None
+        return max(candidates, key=lambda k: self.distance(k[0]))  # first max: LRU
 
     def _evict(self, key: ExpertKey) -> None:
         del self.entries[key]
@@ -124,8 +162,10 @@ class ExpertCache:
             False when refused (no slot and ``may_overflow`` is False).
         """
         assert key not in self.entries, f"{key} is already cached"
+        # A prefetch never evicts what is needed sooner than what it brings.
+        needed_before = None if may_overflow else self.distance(key[0])
         while len(self.entries) >= self.capacity:
-            victim = self._evictable()
+            victim = self._evictable(needed_before)
             if victim is None:
                 if not may_overflow:
                     return False

@@ -39,7 +39,7 @@ from raysys.models.hf import load_model
 from raysys.models.llama import DTYPES, Transformer
 from raysys.models.mixtral import Mixtral
 from raysys.models.tokenizer import ByteTokenizer
-from raysys.moe.cache import CacheStats, ExpertCache
+from raysys.moe.cache import CacheStats, EvictionPolicy, ExpertCache
 from raysys.moe.fetcher import ExpertFetcher, FetchStats, TransferLink
 from raysys.moe.host import ExpertHostPool
 from raysys.moe.policy import CutoffDecision, CutoffPolicy, RoundProfile
@@ -90,6 +90,9 @@ class MoEEngineConfig(Config):
     cache_bytes: int | None = Field(
         None, gt=0, description="cache capacity in bytes (instead of cache_experts)"
     )
+    cache_policy: EvictionPolicy = Field(
+        "lru", description="eviction: lru, or layer-cyclic (furthest layer first)"
+    )
     link_bandwidth_bytes_per_s: float = Field(
         DEFAULT_LINK_BANDWIDTH,
         ge=0,
@@ -112,6 +115,15 @@ class MoEEngineConfig(Config):
     )
     calibration_tokens: int = Field(
         48, ge=8, description="tokens generated to measure costs for cutoff=auto"
+    )
+    predict_last_draft: bool = Field(
+        False,
+        description="sd-prefetch: also run the draft on its last drafted token, so "
+        "the experts of every verified token are predicted",
+    )
+    score_all_layers: bool = Field(
+        False,
+        description="sd-prefetch: predict (and score) layers beyond the cutoff too",
     )
     warm_cache: bool = Field(
         False, description="keep the cache between prompts (default: start cold)"
@@ -231,7 +243,9 @@ class MoEEngine:
         self.num_experts_total = c.num_hidden_layers * c.num_local_experts
         store_uri = config.expert_store or str(Path(config.target_dir).resolve())
         self.expert_nbytes = ExpertCheckpointStore(store_uri).expert_nbytes
-        self.capacity = self._capacity(config)
+        self.capacity = cache_capacity(
+            config, self.expert_nbytes, self.num_experts_total
+        )
         self.pool = ExpertHostPool(
             store_uri,
             c,
@@ -242,7 +256,7 @@ class MoEEngine:
         self.link = TransferLink(config.link_bandwidth_bytes_per_s)
         self.fetcher = ExpertFetcher(
             self.pool.fetch,
-            ExpertCache(self.capacity),
+            ExpertCache(self.capacity, config.cache_policy, self.num_layers),
             self.expert_nbytes,
             self.link,
             timeout_s=config.fetch_timeout_s,
@@ -258,6 +272,7 @@ class MoEEngine:
         # for progress reporting or, in tests, fault injection.
         self.on_target_pass: Callable[[int, str], None] | None = None
         self.num_target_passes = 0
+        self._calibrating = False
         if config.mode == "sd-prefetch":
             self.set_mode("sd-prefetch", config.cutoff)
         logger.info(
@@ -312,19 +327,6 @@ class MoEEngine:
                 )
         return draft, target
 
-    def _capacity(self, config: MoEEngineConfig) -> int:
-        if config.cache_bytes is not None:
-            capacity = config.cache_bytes // self.expert_nbytes
-            if capacity < 1:
-                raise ConfigError(
-                    f"cache_bytes {config.cache_bytes} holds no expert of "
-                    f"{self.expert_nbytes} bytes; give at least that much"
-                )
-            return capacity
-        if config.cache_experts is not None:
-            return config.cache_experts
-        return max(1, self.num_experts_total // 4)
-
     # ------------------------------------------------------------------ modes
 
     def set_mode(
@@ -366,9 +368,13 @@ class MoEEngine:
         """
         mode, self.mode = self.mode, "sd-prefetch"
         self.cutoff = 0
-        run = self.run_sequence(
-            prompt or BUILTIN_PROMPTS[0], self.config.calibration_tokens, seed=0
-        )
+        self._calibrating = True
+        try:
+            run = self.run_sequence(
+                prompt or BUILTIN_PROMPTS[0], self.config.calibration_tokens, seed=0
+            )
+        finally:
+            self._calibrating = False
         self.mode = mode
         self.fetcher.reset()
         self.profile = self.profile_from(run)
@@ -390,7 +396,7 @@ class MoEEngine:
         )
         score = run.score or PredictionScore([LayerScore() for _ in range(L)])
         return RoundProfile(
-            num_draft_tokens=self.draft_length + 1,
+            num_draft_tokens=self.draft_length + int(self.config.predict_last_draft),
             draft_layer_ms=[draft_token_ms / L] * L,
             verify_layer_ms=[verify_ms / L] * L,
             fetch_ms=fetch_ms,
@@ -443,6 +449,7 @@ class MoEEngine:
                 self.target,
                 prefetch_layers=self.cutoff or 0,
                 on_predict=self.fetcher.prefetch,
+                measure_all=self.config.score_all_layers or self._calibrating,
             )
         hooks = _EngineHooks(self, predictor)
         if self.mode == "ar":
@@ -454,7 +461,9 @@ class MoEEngine:
                 ids,
                 params,
                 draft_length=self.draft_length,
-                extra_draft_step=self.mode == "sd-prefetch",
+                extra_draft_step=(
+                    self.mode == "sd-prefetch" and self.config.predict_last_draft
+                ),
                 hooks=hooks,
             )
         fetch, cache = self.fetcher.take_stats()
@@ -635,6 +644,35 @@ class MoEEngine:
         self.close()
 
 
+def cache_capacity(
+    config: MoEEngineConfig, expert_nbytes: int, num_experts_total: int
+) -> int:
+    """The cache capacity in experts a config asks for (default: a quarter).
+
+    Raises:
+        ConfigError: ``cache_bytes`` is smaller than one expert.
+    """
+    if config.cache_bytes is not None:
+        capacity = config.cache_bytes // expert_nbytes
+        if capacity < 1:
+            raise ConfigError(
+                f"cache_bytes {config.cache_bytes} holds no expert of "
+                f"{expert_nbytes} bytes; give at least that much"
+            )
+        return capacity
+    if config.cache_experts is not None:
+        return config.cache_experts
+    return max(1, num_experts_total // 4)
+
+
+def store_facts(config: MoEEngineConfig) -> tuple[int, int]:
+    """(bytes of one expert, number of experts) of the configured target, cheaply."""
+    store = ExpertCheckpointStore(
+        config.expert_store or str(Path(config.target_dir).resolve())
+    )
+    return store.expert_nbytes, len(store.all_experts)
+
+
 def _merge_scores(scores: Sequence[PredictionScore]) -> PredictionScore | None:
     if not scores:
         return None
@@ -652,4 +690,6 @@ __all__ = [
     "MoEEngine",
     "MoEEngineConfig",
     "SequenceRun",
+    "cache_capacity",
+    "store_facts",
 ]

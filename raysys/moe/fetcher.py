@@ -145,11 +145,11 @@ class ExpertFetcher:
         keys = [(layer_idx, e) for e in expert_ids]
         with self._cond:
             self._advance_to(layer_idx)
-            for key in keys:
-                if self.cache.lookup(key) is None:
-                    self._demand_fetch(key)
-                else:
-                    self.cache.pin([key])
+            # Pin what is there before making room for what is not.
+            missing = [key for key in keys if self.cache.lookup(key) is None]
+            self.cache.pin([key for key in keys if key not in missing])
+            for key in missing:
+                self._demand_fetch(key)
             self._pinned = keys
             self._cond.notify_all()
             start = time.perf_counter()
@@ -220,12 +220,14 @@ class ExpertFetcher:
             self._pinned = []
             self._drop_prefetches(lambda layer: True)
             self.cache.unprotect()
+            self.cache.position = self.cache.num_layers - 1
             self.cache.trim()
             self._layer = -1
             self._cond.notify_all()
 
     def _advance_to(self, layer_idx: int) -> None:
         # Called under the lock when a pass starts computing ``layer_idx``.
+        self.cache.position = layer_idx
         if self._pinned:
             self.cache.unpin(self._pinned)
             self._pinned = []

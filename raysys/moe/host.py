@@ -1,18 +1,18 @@
 """Expert hosts: Ray actors that own a shard of the experts and serve them.
 
 Each `ExpertHost` loads its experts from the checkpoint store
-(`raysys.moe.store.ExpertCheckpointStore`) and puts each into the Ray object
-store, packed as one flat array (w1, w2, w3 back to back) in the stored dtype;
-the engine fetches an expert by getting its object. Experts are assigned to
-hosts round-robin over (layer, expert), so one layer's experts spread over all
-hosts.
+(`raysys.moe.store.ExpertCheckpointStore`) and keeps each packed as one flat
+array (w1, w2, w3 back to back) in the stored dtype. The engine fetches an
+expert by calling the host, which returns the array through Ray's object
+transfer: every fetch is a real round trip to the owning process (a ref to an
+object fetched once would be served from the caller's own memory afterwards,
+hiding both the cost and a dead host). Experts are assigned to hosts
+round-robin over (layer, expert), so one layer's experts spread over all hosts.
 
-`ExpertHostPool` is the engine's side: it starts the hosts, keeps the object
-refs, and fetches with a bounded wait. A host that dies takes its objects with
-it (Ray raises ``OwnerDiedError`` / ``ActorDiedError`` on the next get); the
-pool then starts a replacement host that reloads the same shard from the
-checkpoint store, takes its new refs and retries the fetch, all within the
-fetch's deadline.
+`ExpertHostPool` is the engine's side: it starts the hosts and fetches with a
+bounded wait. A host that dies fails the call (``RayActorError``); the pool
+then starts a replacement host that reloads the same shard from the checkpoint
+store and retries the fetch, all within the fetch's deadline.
 """
 
 from __future__ import annotations
@@ -36,11 +36,10 @@ logger = logging.getLogger(__name__)
 
 ExpertKey = tuple[int, int]  # (layer, expert)
 
-# Faults after which a host is replaced: the process died or its objects are gone.
+# Faults after which a host is replaced: the process died or its reply is lost.
 HOST_FAULTS = (
     ray.exceptions.RayActorError,
     ray.exceptions.ObjectLostError,
-    ray.exceptions.OwnerDiedError,
     ray.exceptions.ActorUnavailableError,
 )
 
@@ -82,24 +81,26 @@ class ExpertHost:
     def __init__(self, store_uri: str, keys: list[ExpertKey], host_idx: int) -> None:
         self.host_idx = host_idx
         store = ExpertCheckpointStore(store_uri)
-        self.refs = {}
-        self.nbytes = 0
-        for layer, expert in keys:
-            packed = pack_expert(store.read_expert(layer, expert))
-            self.nbytes += packed.nbytes
-            self.refs[(layer, expert)] = ray.put(packed)
+        self.experts = {
+            (layer, expert): pack_expert(store.read_expert(layer, expert))
+            for layer, expert in keys
+        }
 
-    def expert_refs(self) -> dict[ExpertKey, list[ray.ObjectRef]]:
-        """Each owned expert's object ref (wrapped in a list: returned, not resolved)."""
-        return {key: [ref] for key, ref in self.refs.items()}
+    def ready(self) -> int:
+        """Number of experts loaded (answers once the constructor finished)."""
+        return len(self.experts)
+
+    def fetch(self, layer_idx: int, expert_id: int) -> np.ndarray:
+        """One expert, packed (see `pack_expert`)."""
+        return self.experts[(layer_idx, expert_id)]
 
     def info(self) -> dict:
         """Process id, experts and bytes held."""
         return {
             "host_idx": self.host_idx,
             "pid": os.getpid(),
-            "num_experts": len(self.refs),
-            "nbytes": self.nbytes,
+            "num_experts": len(self.experts),
+            "nbytes": sum(a.nbytes for a in self.experts.values()),
         }
 
 
@@ -145,11 +146,10 @@ class ExpertHostPool:
         self.shards = shard_experts(keys, num_hosts)
         self.host_of = {key: h for h, shard in enumerate(self.shards) for key in shard}
         self.hosts = [self._start(h) for h in range(num_hosts)]
-        self.refs: dict[ExpertKey, ray.ObjectRef] = {}
         self.num_replacements = [0] * num_hosts
         self._lock = threading.Lock()
         for h in range(num_hosts):
-            self._take_refs(h)
+            self._wait_ready(h)
         logger.info(
             "started %d expert hosts over %d experts from %s",
             num_hosts,
@@ -162,14 +162,12 @@ class ExpertHostPool:
             self.store_uri, self.shards[host_idx], host_idx
         )
 
-    def _take_refs(self, host_idx: int) -> None:
-        wrapped = bounded_get(
-            self.hosts[host_idx].expert_refs.remote(),
+    def _wait_ready(self, host_idx: int) -> None:
+        bounded_get(
+            self.hosts[host_idx].ready.remote(),
             self.timeout_s,
             f"expert host {host_idx} starting",
         )
-        for key, (ref,) in wrapped.items():
-            self.refs[key] = ref
 
     @property
     def num_hosts(self) -> int:
@@ -185,18 +183,20 @@ class ExpertHostPool:
         deadline = time.monotonic() + self.timeout_s
         host_idx = self.host_of[key]
         while True:
-            ref = self.refs[key]
+            host = self.hosts[host_idx]
             left = deadline - time.monotonic()
             start = time.perf_counter()
             try:
-                flat = bounded_get(ref, max(left, 0.001), f"expert {key}")
+                flat = bounded_get(
+                    host.fetch.remote(*key), max(left, 0.001), f"expert {key}"
+                )
             except (RemoteTimeout, *HOST_FAULTS) as e:
                 if time.monotonic() >= deadline:
                     raise ExpertFetchError(
                         f"expert {key} from host {host_idx} did not arrive within "
                         f"{self.timeout_s:g} s: {e}"
                     ) from e
-                self.replace(host_idx, ref, reason=type(e).__name__)
+                self.replace(host_idx, host, reason=type(e).__name__)
                 continue
             real_s = time.perf_counter() - start
             weights = unpack_expert(
@@ -204,18 +204,16 @@ class ExpertHostPool:
             )
             return FetchResult(weights, real_s)
 
-    def replace(self, host_idx: int, stale_ref=None, *, reason: str = "") -> None:
+    def replace(self, host_idx: int, stale=None, *, reason: str = "") -> None:
         """Start a new host for ``host_idx``'s shard from the checkpoint store.
 
-        A no-op when another caller already replaced it (the ref changed).
+        A no-op when another caller already replaced ``stale`` (the failed handle).
 
         Raises:
             ExpertFetchError: the host was replaced ``max_replacements`` times.
         """
         with self._lock:
-            if stale_ref is not None and all(
-                self.refs[k] != stale_ref for k in self.shards[host_idx]
-            ):
+            if stale is not None and self.hosts[host_idx] is not stale:
                 return
             if self.num_replacements[host_idx] >= self.max_replacements:
                 raise ExpertFetchError(
@@ -232,7 +230,7 @@ class ExpertHostPool:
             )
             ray.kill(self.hosts[host_idx], no_restart=True)
             self.hosts[host_idx] = self._start(host_idx)
-            self._take_refs(host_idx)
+            self._wait_ready(host_idx)
 
     def kill(self, host_idx: int) -> None:
         """Kill a host's process without warning (fault injection)."""

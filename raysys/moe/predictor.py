@@ -3,11 +3,17 @@
 While the dense draft drafts, each of its layers hands its attention output
 (the residual stream after attention, the input of the layer's MLP) to the
 target's router of the same layer, through the target's post-attention norm
-(`raysys.models.mixtral.Mixtral.route`), with no learned projection: the draft
-and the target share hidden size and layer structure. The top-k experts of
-those scores, over the tokens of the coming verification pass, are the
-prediction; for layers below the cutoff they are handed to the fetcher at once,
-while the draft goes on to its next layer.
+(as `raysys.models.mixtral.Mixtral.route` does), with no learned projection:
+the draft and the target share hidden size and layer structure. The top-k
+experts of those scores, over the tokens of the coming verification pass, are
+the prediction; for layers below the cutoff they are handed to the fetcher at
+once, while the draft goes on to its next layer.
+
+The prediction runs inside every draft step, so it is kept to one matrix
+product and a top-k: RMSNorm multiplies a token by a positive scalar and then
+by the norm weight, and a positive scalar does not change which router logits
+are largest, so the norm weight is folded into the router once
+(``W_e * g``) and the scalar is skipped. The ranking is the router's own.
 
 Accuracy is scored per pass and layer against the experts the target's
 verification actually routed to: precision and recall of the predicted *set*
@@ -99,6 +105,11 @@ class ExpertPredictor:
         self.on_predict = on_predict
         self.measure_all = measure_all
         self.score = PredictionScore([LayerScore() for _ in range(self.num_layers)])
+        self.top_k = target.config.num_experts_per_tok
+        self.folded = [  # (E, D): router rows scaled by the post-attention norm
+            layer.mlp.gate.weight * layer.post_attention_layernorm.weight
+            for layer in target.layers
+        ]
         self.skip_rows = 0  # leading rows of the next draft forward to ignore
         self._rows: list[list[Tensor]] = [[] for _ in range(self.num_layers)]
 
@@ -113,7 +124,10 @@ class ExpertPredictor:
         rows = hidden[0, self.skip_rows :]  # (t, D)
         if rows.shape[0] == 0:
             return
-        ids = self.target.route(layer_idx, rows).expert_ids  # (t, k)
+        scores = (
+            rows.to(self.folded[layer_idx].dtype) @ self.folded[layer_idx].T
+        )  # (t, E)
+        ids = torch.topk(scores, self.top_k, dim=-1).indices  # (t, k)
         self._rows[layer_idx].append(ids)
         if layer_idx < self.prefetch_layers and self.on_predict is not None:
             self.on_predict(layer_idx, ids.unique().tolist())

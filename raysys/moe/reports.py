@@ -48,11 +48,14 @@ class GenerationReport(Report):
         description="routed experts (layers below the cutoff) that were predicted"
     )
     predictor_precision: float | None = Field(
-        description="the same over every layer (predictions are scored everywhere)"
+        description="the same over every predicted layer (every layer with "
+        "score_all_layers)"
     )
-    predictor_recall: float | None = Field(description="recall over every layer")
+    predictor_recall: float | None = Field(
+        description="recall over every predicted layer"
+    )
     predictor_top1: float | None = Field(
-        description="tokens whose top-1 expert was predicted exactly, all layers"
+        description="tokens whose top-1 expert was predicted exactly"
     )
     predictor_recall_per_layer: list[float | None] = Field(
         description="predictor recall of each layer"

@@ -157,3 +157,55 @@ def test_wait_is_bounded(make):
 def test_negative_bandwidth_is_refused():
     with pytest.raises(ValueError, match="bandwidth must be >= 0"):
         TransferLink(-1.0)
+
+
+def test_making_room_never_evicts_an_expert_of_the_same_layer(make):
+    fetcher, hosts = make(capacity=2)
+    fetcher.get_experts(0, [0, 1])
+    fetcher.end_pass()
+    # (0, 1) is cached and least recently used; fetching (0, 5) must evict (0, 0)
+    # only after (0, 1) is pinned for this layer, never (0, 1) itself.
+    fetcher.get_experts(0, [5, 1])
+    fetcher.end_pass()
+    assert hosts.order.count((0, 1)) == 1
+
+
+@pytest.mark.parametrize(("policy", "hits"), [("lru", 0), ("layer-cyclic", 4)])
+def test_layer_cyclic_eviction_hits_where_lru_thrashes(policy, hits):
+    """Two passes over 4 layers x 2 experts through a 4-expert cache.
+
+    LRU evicts each expert just before the next pass needs it again; evicting
+    the expert whose layer comes round last keeps layers 0 and 3 (a hit each
+    for both their experts).
+    """
+    from raysys.moe.cache import ExpertCache
+
+    cache = ExpertCache(4, policy, num_layers=4)
+    for _ in range(2):
+        cache.stats.num_hits = 0
+        for layer in range(4):
+            cache.position = layer
+            keys = [(layer, 0), (layer, 1)]
+            missing = [k for k in keys if cache.lookup(k) is None]
+            cache.pin([k for k in keys if k not in missing])
+            for key in missing:
+                cache.reserve(key, may_overflow=True)
+                cache.pin([key])
+                cache.fill(key, expert(key))
+            cache.unpin(keys)
+        cache.position = 3
+    assert cache.stats.num_hits == hits
+
+
+def test_prefetch_does_not_evict_what_is_needed_sooner():
+    from raysys.moe.cache import ExpertCache
+
+    cache = ExpertCache(2, "layer-cyclic", num_layers=4)
+    for key in [(0, 0), (1, 0)]:
+        cache.reserve(key, may_overflow=False)
+        cache.fill(key, expert(key))
+    cache.position = 3  # between passes: layers 0, 1 are needed first
+    assert not cache.reserve((3, 7), may_overflow=False)
+    assert cache.reserve((0, 1), may_overflow=False)  # evicts layer 1, needed later
+    assert sorted(cache.entries) == [(0, 0), (0, 1)]
+    assert cache.distance(0) == 0 and cache.distance(3) == 3
