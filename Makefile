@@ -28,8 +28,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/raysys down >/dev/null 2>&1 || true
 	$(BIN)/raysys up --providers $(PROVIDERS)
-	RAY_AUTH_MODE=token $(BIN)/ray job submit --address $(DASHBOARD) \
-		--working-dir . --runtime-env jobs/runtime_env.yaml -- python $(MAIN); \
+	$(BIN)/raysys submit --address $(DASHBOARD) -- python $(MAIN); \
 	status=$$?; $(BIN)/raysys down; exit $$status
 
 lint: $(STAMP)

@@ -3,12 +3,21 @@
 raysys up [--providers N] [--gpus-per-provider G]   start head + N providers
 raysys status                                       describe the cluster
 raysys down                                         stop it
+raysys submit [--address URL] [--dry-run] -- python jobs/JOB.py ...
+                                                    submit a job (ray job submit)
+raysys node head|provider [--dry-run] [-- RAY_START_ARGS]
+                                                    start this machine as a node
+                                                    of a multi-machine cluster
+raysys validate-cluster FILE...                     check launcher configs and
+                                                    RayCluster manifests
+raysys provider join|leave ...                      lend or take back GPUs
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 
@@ -17,6 +26,7 @@ from raysys.runtime.config import build_parser, validate_config
 from raysys.runtime.entry import setup_logging
 from raysys.runtime.errors import ClusterError, ConfigError
 from raysys.runtime.ray_env import enable_token_auth
+from raysys.sharing import cli as sharing_cli
 
 logger = logging.getLogger(__name__)
 
@@ -110,11 +120,157 @@ def cmd_status(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_submit(argv: Sequence[str]) -> int:
+    import subprocess
+
+    from raysys.runtime import submit
+
+    argv = list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser(
+        prog="raysys submit",
+        description=(
+            "Submit a job through Ray's job API (`ray job submit`) with the project "
+            "as its working dir, after checking the upload fits Ray's limit. Other "
+            "`ray job submit` options (--no-wait, --submission-id ID, "
+            "--entrypoint-num-gpus N, ...) pass through."
+        ),
+        usage="raysys submit [--address URL] [--dry-run] [OPTIONS] -- ENTRYPOINT...",
+    )
+    parser.add_argument("--address", help="job API address (default: see docs)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="measure the package and print the command without submitting",
+    )
+    parser.add_argument(
+        "--working-dir",
+        default=str(submit.PROJECT_ROOT),
+        help="directory shipped as the job's working dir (default: the project)",
+    )
+    parser.add_argument(
+        "--runtime-env",
+        default=str(submit.RUNTIME_ENV_FILE),
+        help="runtime_env YAML whose excludes apply (default: jobs/runtime_env.yaml)",
+    )
+    ns, ray_args = parser.parse_known_args(argv[:cut])
+    address = submit.resolve_dashboard_address(ns.address)
+    cmd = submit.submit_command(
+        argv[cut + 1 :],
+        address=address,
+        working_dir=ns.working_dir,
+        runtime_env_file=ns.runtime_env,
+        ray_args=ray_args,
+    )
+    measure = submit.prepare_submission(ns.working_dir, ns.runtime_env)
+    limit_bytes, _ = submit.upload_limit()
+    env = submit.submit_env(address)
+    print(
+        f"package: {measure.package_bytes / 1024**2:.2f} MiB in {measure.num_files} "
+        f"files (Ray's upload limit {limit_bytes / 1024**2:.0f} MiB); "
+        f"token auth {'on' if env.get('RAY_AUTH_MODE') == 'token' else 'off'}"
+    )
+    if ns.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    sys.stdout.flush()
+    return subprocess.run(cmd, env=env).returncode
+
+
+def cmd_node(argv: Sequence[str]) -> int:
+    from raysys.runtime import nodes
+
+    argv = list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser(
+        prog="raysys node",
+        description=(
+            "Start this machine as the head or a provider node of a multi-machine "
+            "cluster (`ray start` with token authentication, the dashboard on "
+            "127.0.0.1, and the provider resources and label). Arguments after "
+            "`--` go to `ray start`."
+        ),
+    )
+    parser.add_argument("role", choices=["head", "provider"])
+    parser.add_argument("--name", help="provider name (default: host name)")
+    parser.add_argument(
+        "--num-gpus", type=float, help="GPUs to lend (default: nvidia-smi count)"
+    )
+    parser.add_argument(
+        "--ray-start-cmd",
+        help="a generated `ray start ...` command to extend (KubeRay's "
+        "$KUBERAY_GEN_RAY_START_CMD)",
+    )
+    parser.add_argument(
+        "--no-auth", action="store_true", help="turn token authentication off"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the command, start nothing"
+    )
+    ns = parser.parse_args(argv[:cut])
+    extra = argv[cut + 1 :]
+    if ns.role == "head":
+        if ns.name is not None or ns.num_gpus is not None:
+            parser.error("--name and --num-gpus apply to providers only")
+        plan = nodes.plan_head(
+            extra, ray_start_cmd=ns.ray_start_cmd, auth=not ns.no_auth
+        )
+    else:
+        plan = nodes.plan_provider(
+            extra,
+            ray_start_cmd=ns.ray_start_cmd,
+            name=ns.name,
+            num_gpus=ns.num_gpus,
+            auth=not ns.no_auth,
+        )
+    if ns.dry_run:
+        print(plan.shell())
+        return 0
+    nodes.run(plan)
+    return 1  # not reached: run() replaces this process
+
+
+def cmd_validate_cluster(argv: Sequence[str]) -> int:
+    from raysys.runtime import cluster_configs
+
+    parser = argparse.ArgumentParser(
+        prog="raysys validate-cluster",
+        description=(
+            "Validate cluster-launcher configs against the installed Ray's schema "
+            "and RayCluster manifests against KubeRay's ray.io/v1 fields, then "
+            "check token authentication and loopback binding."
+        ),
+    )
+    parser.add_argument("files", nargs="+", help="files from clusters/")
+    ns = parser.parse_args(argv)
+    status = 0
+    for path in ns.files:
+        try:
+            findings = cluster_configs.check_cluster_file(path)
+        except ConfigError as e:
+            print(f"{path}: INVALID\n{e}")
+            status = 2
+            continue
+        if findings:
+            print(f"{path}: valid, but open:")
+            for finding in findings:
+                print(f"  - {finding}")
+            status = max(status, 1)
+        else:
+            print(f"{path}: ok")
+    return status
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "up": cmd_up,
     "down": cmd_down,
     "status": cmd_status,
+    "submit": cmd_submit,
+    "node": cmd_node,
+    "validate-cluster": cmd_validate_cluster,
+    "provider": sharing_cli.cmd_provider,
 }
+STATUS_SECTIONS.append(sharing_cli.status_section)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -19,15 +18,7 @@ import pytest
 os.environ["RAYSYS_STATE_DIR"] = tempfile.mkdtemp(prefix="raysys-test-state-")
 os.environ.pop("RAY_ADDRESS", None)
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def shared_data(relative: str) -> Path:
-    """A file from the shared real-data folder, or skip the test when it is absent."""
-    path = SHARED_DATA / relative
-    if not path.exists():
-        pytest.skip(f"real input {relative} is not present at {SHARED_DATA}")
-    return path
+from support import SHARED_DATA, shared_data  # noqa: E402,F401  (re-exported)
 
 
 @pytest.fixture(scope="session")

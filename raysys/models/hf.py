@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from raysys.models.llama import Llama, LlamaConfig, Transformer, _read_hf_config
-from raysys.models.mixtral import ExpertWeights, Mixtral, MixtralConfig
+from raysys.models.mixtral import ExpertStore, ExpertWeights, Mixtral, MixtralConfig
 from raysys.runtime.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -171,17 +171,28 @@ class Checkpoint:
 
     def get(self, name: str) -> Tensor:
         """One tensor (on CPU, in its stored dtype)."""
-        if name not in self._where:
-            raise KeyError(f"{self.path} holds no tensor {name!r}")
-        with safe_open(self._where[name], framework="pt") as f:
-            return f.get_tensor(name)
+        return self.read([name])[name]
+
+    def read(self, names: Iterable[str]) -> dict[str, Tensor]:
+        """Several tensors by HF name (on CPU, stored dtype), each file opened once."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            if name not in self._where:
+                raise KeyError(f"{self.path} holds no tensor {name!r}")
+            by_file.setdefault(self._where[name], []).append(name)
+        tensors = {}
+        for file, file_names in by_file.items():
+            with safe_open(file, framework="pt") as f:
+                for name in file_names:
+                    tensors[name] = f.get_tensor(name)
+        return tensors
 
     def read_expert(self, layer_idx: int, expert_id: int) -> ExpertWeights:
         """One Mixtral expert's weights (on CPU, stored dtype)."""
         prefix = f"model.layers.{layer_idx}.block_sparse_moe.experts.{expert_id}."
-        return ExpertWeights(
-            *(self.get(f"{prefix}{w}.weight") for w in ("w1", "w2", "w3"))
-        )
+        names = [f"{prefix}{w}.weight" for w in ("w1", "w2", "w3")]
+        tensors = self.read(names)
+        return ExpertWeights(*(tensors[name] for name in names))
 
 
 def load_model(
@@ -210,27 +221,24 @@ def load_model(
     dtype = dtype or config.torch_dtype or torch.float32
     with torch.device("meta"):
         model = build_model(config, dtype=dtype, resident_experts=resident_experts)
-    expected = set(model.state_dict())
+    expected = {to_hf_name(name, config) for name in model.state_dict()}
 
-    state: dict[str, Tensor] = {}
-    for hf_name in checkpoint.names():
-        name = from_hf_name(hf_name, config)
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue  # some tied checkpoints store the shared matrix twice
-        if not resident_experts and _EXPERT_NAME.search(hf_name):
-            continue
-        if name in expected:
-            state[name] = checkpoint.get(hf_name).to(device=device, dtype=dtype)
-        else:
-            state[name] = None  # reported below
-    unexpected = sorted(to_hf_name(n, config) for n, t in state.items() if t is None)
-    missing = sorted(to_hf_name(n, config) for n in expected - set(state))
-    if unexpected or missing:
+    stored = set(checkpoint.names())
+    if config.tie_word_embeddings:
+        stored.discard("lm_head.weight")  # some tied checkpoints store it twice
+    if not resident_experts:
+        stored = {name for name in stored if not _EXPERT_NAME.search(name)}
+    missing, unexpected = sorted(expected - stored), sorted(stored - expected)
+    if missing or unexpected:
         raise ConfigError(
             f"{path}: weights do not match the {config.model_type} config: "
             f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
         )
+    state = {
+        from_hf_name(name, config): tensor.to(device=device, dtype=dtype)
+        for name, tensor in checkpoint.read(expected).items()
+    }
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
@@ -246,6 +254,35 @@ def load_model(
         dtype,
     )
     return model
+
+
+def load_expert_store(
+    path: str | Path,
+    experts: Iterable[tuple[int, int]] | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> ExpertStore:
+    """An `ExpertStore` of a Mixtral checkpoint's experts (a host's shard of them).
+
+    Args:
+        path: the checkpoint folder.
+        experts: ``(layer_idx, expert_id)`` pairs to load; None loads all.
+        device, dtype: where and as what to keep them (default: stored dtype).
+    """
+    checkpoint = Checkpoint(path)
+    config = checkpoint.config
+    if not isinstance(config, MixtralConfig):
+        raise ConfigError(f"{path} is a {config.model_type} checkpoint, not mixtral")
+    if experts is None:
+        experts = [
+            (layer, e)
+            for layer in range(config.num_hidden_layers)
+            for e in range(config.num_local_experts)
+        ]
+    return ExpertStore(
+        {key: checkpoint.read_expert(*key).to(device, dtype) for key in experts}
+    )
 
 
 # --------------------------------------------------------------------------- writing

@@ -6,8 +6,8 @@ grouped-query attention and a SwiGLU MLP (Touvron et al., "Llama 2", 2023). Modu
 names follow the Hugging Face parameter names minus their ``model.`` prefix, so
 loading a checkpoint is a rename-free copy (see `raysys.models.hf`).
 
-KV cache (`KVCache`): one object per sequence, holding keys and values of every
-layer for that sequence's tokens so far. A forward takes a batch of B sequences,
+KV cache (`raysys.models.kv_cache.KVCache`): one object per sequence, holding keys
+and values of every layer for that sequence's tokens so far. A forward takes a batch of B sequences,
 each with its own cache and its own number of new tokens; new tokens are padded
 on the right to a common T, each sequence's new keys are written at its own
 positions, and attention runs over the cached keys padded to the longest sequence
@@ -16,6 +16,11 @@ chunk (T > 1, appended to what is cached), a decode step of many sequences at
 different positions (T = 1) and a speculative verification (T = k + 1). A cache
 can be truncated (drafted tokens rejected), cloned, exported as plain CPU tensors
 (`KVState`) and imported on another model instance.
+
+Running layer by layer: `Transformer.forward` is `Transformer.prepare`, the
+embedding, each decoder layer, `Transformer.commit` and `Transformer.head`, and a
+caller may take these steps itself; the ``on_attention`` hook of a forward sees
+every layer's attention output (the input of its MLP or MoE block).
 
 Shape letters used in the trailing comments:
     B  sequences in the batch        T  new tokens per sequence (padded)
@@ -38,6 +43,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor, nn
 
+from raysys.models.kv_cache import KVCache, KVState
 from raysys.models.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 from raysys.runtime.errors import ConfigError
 
@@ -286,142 +292,6 @@ def tiny_llama_config(**overrides: Any) -> LlamaConfig:
     return LlamaConfig.model_validate(fields)
 
 
-# --------------------------------------------------------------------------- cache
-
-
-@dataclass(frozen=True)
-class KVState:
-    """A sequence's cache as plain CPU tensors, for handoff to another instance.
-
-    Attributes:
-        kv: keys and values, ``(L, 2, Hkv, S, Dh)``; index 0 of dim 1 holds keys.
-    """
-
-    kv: Tensor  # (L, 2, Hkv, S, Dh)
-
-    @property
-    def num_tokens(self) -> int:
-        """Cached positions S."""
-        return self.kv.shape[3]
-
-    @property
-    def nbytes(self) -> int:
-        """Size of the tensors in bytes."""
-        return self.kv.numel() * self.kv.element_size()
-
-
-class KVCache:
-    """Keys and values of every layer for one sequence's tokens so far.
-
-    Storage is one tensor ``(L, 2, Hkv, capacity, Dh)`` that grows (doubling, in
-    multiples of ``block_size`` positions) as tokens are appended; ``num_tokens``
-    positions are valid. Writes hold no autograd history: caches are for inference.
-    """
-
-    def __init__(
-        self,
-        num_layers: int,
-        num_kv_heads: int,
-        head_dim: int,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-        block_size: int = 64,
-    ) -> None:
-        self.block_size = block_size
-        self.num_tokens = 0
-        self.kv = torch.zeros(  # (L, 2, Hkv, capacity, Dh)
-            num_layers,
-            2,
-            num_kv_heads,
-            block_size,
-            head_dim,
-            device=device,
-            dtype=dtype,
-        )
-
-    @property
-    def capacity(self) -> int:
-        """Positions allocated."""
-        return self.kv.shape[3]
-
-    def reserve(self, num_tokens: int) -> None:
-        """Make room for ``num_tokens`` positions in total (no-op if there is room)."""
-        if num_tokens <= self.capacity:
-            return
-        new_capacity = max(2 * self.capacity, num_tokens)
-        new_capacity = math.ceil(new_capacity / self.block_size) * self.block_size
-        kv = self.kv.new_zeros(*self.kv.shape[:3], new_capacity, self.kv.shape[4])
-        kv[:, :, :, : self.num_tokens] = self.kv[:, :, :, : self.num_tokens]
-        self.kv = kv
-
-    def write(self, layer: int, start: int, k: Tensor, v: Tensor) -> None:
-        """Store keys/values ``(Hkv, n, Dh)`` of positions ``start .. start+n-1``."""
-        end = start + k.shape[1]
-        self.kv[layer, 0, :, start:end] = k.detach()
-        self.kv[layer, 1, :, start:end] = v.detach()
-
-    def keys_values(self, layer: int, num_tokens: int) -> tuple[Tensor, Tensor]:
-        """Views of the first ``num_tokens`` keys and values, ``(Hkv, S, Dh)`` each."""
-        return self.kv[layer, 0, :, :num_tokens], self.kv[layer, 1, :, :num_tokens]
-
-    def truncate(self, num_tokens: int) -> None:
-        """Forget every position from ``num_tokens`` on (rejected draft tokens).
-
-        Raises:
-            ValueError: ``num_tokens`` is negative or beyond what is cached.
-        """
-        if not 0 <= num_tokens <= self.num_tokens:
-            raise ValueError(
-                f"cannot truncate a cache of {self.num_tokens} tokens to {num_tokens}; "
-                f"pass a length in [0, {self.num_tokens}]"
-            )
-        self.num_tokens = num_tokens
-
-    def clone(self) -> KVCache:
-        """An independent copy (same device and dtype)."""
-        copy = KVCache.__new__(KVCache)
-        copy.block_size = self.block_size
-        copy.num_tokens = self.num_tokens
-        copy.kv = self.kv.clone()
-        return copy
-
-    def export(self) -> KVState:
-        """The valid positions as a contiguous CPU tensor (safe to send through Ray)."""
-        kv = self.kv[:, :, :, : self.num_tokens]  # (L, 2, Hkv, S, Dh)
-        return KVState(kv=kv.to("cpu", copy=True).contiguous())
-
-    @classmethod
-    def from_state(
-        cls,
-        state: KVState,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        block_size: int = 64,
-    ) -> KVCache:
-        """A cache holding ``state``'s positions on ``device`` (see `Transformer.import_cache`)."""
-        num_layers, _, num_kv_heads, num_tokens, head_dim = state.kv.shape
-        cache = cls(
-            num_layers,
-            num_kv_heads,
-            head_dim,
-            device=device,
-            dtype=dtype or state.kv.dtype,
-            block_size=block_size,
-        )
-        cache.reserve(num_tokens)
-        cache.kv[:, :, :, :num_tokens] = state.kv
-        cache.num_tokens = num_tokens
-        return cache
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the valid positions."""
-        per_token = self.kv[:, :, :, :1].numel() * self.kv.element_size()
-        return per_token * self.num_tokens
-
-
 # --------------------------------------------------------------------------- layers
 
 
@@ -482,6 +352,53 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+def attention_mask(
+    starts: Sequence[int],
+    counts: Sequence[int],
+    num_new: int,
+    window: int | None,
+    *,
+    cached: bool,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor | None, bool]:
+    """Which keys each new token may attend to, as ``(mask, is_causal)``.
+
+    Query ``t`` of sequence ``b`` sits at position ``starts[b] + t`` and sees keys
+    at positions up to its own (and, with a sliding window, the last ``window``
+    of them). Returns no mask where SDPA needs none: a plain causal forward
+    (``is_causal``), or a single query that sees every cached key.
+
+    Args:
+        starts: cached positions per sequence.
+        counts: valid new tokens per sequence; the rest of the T is padding.
+        num_new: padded width T.
+        window: sliding-window length, or None.
+        cached: whether the keys include cached positions (False: positions 0..T-1).
+        device: where to build the mask.
+
+    Returns:
+        A bool mask ``(B, 1, T, S)`` (True: may attend) or None, and ``is_causal``.
+    """
+    if not cached and (window is None or window >= num_new):
+        return None, num_new > 1
+    sees_all = window is None or window > starts[0]
+    if cached and len(starts) == 1 and num_new == 1 and sees_all:
+        return None, False
+    start_t = torch.tensor(starts, device=device)  # (B,)
+    count_t = torch.tensor(counts, device=device)  # (B,)
+    offsets = torch.arange(num_new, device=device)  # (T,)
+    # Padding queries borrow the last valid position so no row is all-masked.
+    query_pos = start_t[:, None] + torch.minimum(
+        offsets, count_t[:, None] - 1
+    )  # (B, T)
+    num_keys = max(s + n for s, n in zip(starts, counts, strict=True))
+    key_pos = torch.arange(num_keys, device=device)  # (S,)
+    allowed = key_pos <= query_pos[..., None]  # (B, T, S)
+    if window is not None:
+        allowed &= key_pos > query_pos[..., None] - window
+    return allowed[:, None], False  # (B, 1, T, S)
+
+
 @dataclass
 class ForwardContext:
     """What every layer of one forward needs besides its hidden state.
@@ -515,10 +432,8 @@ class Attention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        q_dim, kv_dim = (
-            self.num_heads * self.head_dim,
-            self.num_kv_heads * self.head_dim,
-        )
+        q_dim = self.num_heads * self.head_dim
+        kv_dim = self.num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(config.hidden_size, q_dim, **kw)
         self.k_proj = nn.Linear(config.hidden_size, kv_dim, **kw)
         self.v_proj = nn.Linear(config.hidden_size, kv_dim, **kw)
@@ -717,6 +632,11 @@ class Transformer(nn.Module):
         Reserves room in each cache for its new tokens; positions are counted from
         each cache's length.
         """
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise ValueError(
+                f"tokens must be (B, T) with T >= 1, got shape {tuple(tokens.shape)}; "
+                "add a batch dimension with tokens[None]"
+            )
         batch, num_new = tokens.shape
         device = tokens.device
         if caches is None:
@@ -758,25 +678,14 @@ class Transformer(nn.Module):
 
         padded = any(n < num_new for n in counts)
         token_mask = offsets[None, :] < count_t[:, None] if padded else None  # (B, T)
-        window = self.config.sliding_window
-        mask, is_causal = None, False
-        if caches is None and (window is None or window >= num_new):
-            is_causal = num_new > 1
-        elif (
-            caches is not None
-            and batch == 1
-            and num_new == 1
-            and (window is None or window > starts[0])
-        ):
-            pass  # one query that sees every cached key: no mask needed
-        else:
-            # Padding queries borrow the last valid position so no row is all-masked.
-            query_pos = start_t[:, None] + torch.minimum(offsets, count_t[:, None] - 1)
-            key_pos = torch.arange(longest, device=device)  # (S,)
-            allowed = key_pos <= query_pos[..., None]  # (B, T, S)
-            if window is not None:
-                allowed &= key_pos > query_pos[..., None] - window
-            mask = allowed[:, None]  # (B, 1, T, S)
+        mask, is_causal = attention_mask(
+            starts,
+            counts,
+            num_new,
+            self.config.sliding_window,
+            cached=caches is not None,
+            device=device,
+        )
         return ForwardContext(
             cos=cos,
             sin=sin,
@@ -899,10 +808,15 @@ def greedy_generate(
     prompt: Sequence[int],
     max_new_tokens: int,
     *,
-    stop_ids: Sequence[int] = (),
+    stop_ids: Sequence[int] | None = None,
     chunk_size: int | None = None,
 ) -> list[int]:
-    """Greedy continuation of ``prompt`` (at most ``max_new_tokens`` ids, stop id included)."""
+    """Greedy continuation of ``prompt``: at most ``max_new_tokens`` ids.
+
+    Generation ends after the first id in ``stop_ids`` (default: the config's
+    ``eos_token_id``), which is included in the result.
+    """
+    stop = set(model.config.stop_token_ids if stop_ids is None else stop_ids)
     cache = model.new_cache()
     logits = prefill(
         model, torch.tensor(prompt, device=model.device), cache, chunk_size
@@ -911,9 +825,8 @@ def greedy_generate(
     while len(out) < max_new_tokens:
         token = int(logits.argmax())
         out.append(token)
-        if token in stop_ids or len(out) == max_new_tokens:
+        if token in stop or len(out) == max_new_tokens:
             break
-        logits = decode_step(
-            model, torch.tensor([token], device=model.device), [cache]
-        )[0]
+        next_token = torch.tensor([token], device=model.device)
+        logits = decode_step(model, next_token, [cache])[0]
     return out

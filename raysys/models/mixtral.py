@@ -82,10 +82,14 @@ class ExpertWeights(NamedTuple):
         return sum(t.numel() * t.element_size() for t in self)
 
     def to(
-        self, device: torch.device | str, dtype: torch.dtype | None = None
+        self,
+        device: torch.device | str,
+        dtype: torch.dtype | None = None,
+        *,
+        copy: bool = False,
     ) -> ExpertWeights:
-        """The weights on ``device`` (no copy when already there)."""
-        return ExpertWeights(*(t.to(device=device, dtype=dtype) for t in self))
+        """The weights on ``device`` (no copy when already there unless ``copy``)."""
+        return ExpertWeights(*(t.detach().to(device, dtype, copy=copy) for t in self))
 
 
 def expert_forward(weights: ExpertWeights, x: Tensor) -> Tensor:
@@ -124,7 +128,7 @@ class ExpertStore:
         c = model.config
         return cls(
             {
-                (layer, e): model.expert_weights(layer, e).to(device)
+                (layer, e): model.expert_weights(layer, e).to(device, copy=True)
                 for layer in range(c.num_hidden_layers)
                 for e in range(c.num_local_experts)
             }

@@ -24,3 +24,7 @@ class RemoteTimeout(RaysysError, TimeoutError):
 
 class UnsatisfiableResources(RaysysError):
     """A request asks for resources the cluster can never provide."""
+
+
+class PackageTooLarge(ConfigError):
+    """A job's working_dir package exceeds what Ray's job API accepts."""

@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -34,6 +35,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from raysys.runtime.config import Config
 from raysys.runtime.errors import ClusterError
+from raysys.runtime.security import warn_if_exposed
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +102,7 @@ class ClusterState(BaseModel):
     auth: bool
     started_at: float
     nodes: list[NodeRecord] = Field(default_factory=list)
+    temp_dir: str | None = None  # this cluster's Ray temp dir (logs, sockets)
 
     def provider(self, name: str) -> NodeRecord | None:
         return next(
@@ -175,7 +178,18 @@ def _node_env(cluster_id: str, node_name: str, auth: bool) -> dict[str, str]:
     return env
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _run_ray_start(args: list[str], env: dict[str, str], what: str) -> None:
+    # Ray's dashboard agent listens on a fixed default port (52365); a second Ray
+    # on the same machine holding it leaves this node without an agent, and job
+    # submission then fails with "No available agent". Pick a free one per node.
+    if not any(a.startswith("--dashboard-agent-listen-port") for a in args):
+        args = [*args, f"--dashboard-agent-listen-port={_free_port()}"]
     cmd = [ray_executable(), "start", "--disable-usage-stats", *args]
     logger.info("starting %s: %s", what, " ".join(cmd))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
@@ -210,6 +224,7 @@ def start_provider_node(
     auth: bool,
     object_store_mb: int = 512,
     node_ip: str | None = "127.0.0.1",
+    temp_dir: str | None = None,
 ) -> NodeRecord:
     """Start one provider node: a Ray worker node lending ``num_gpus`` GPUs.
 
@@ -231,6 +246,8 @@ def start_provider_node(
     ]
     if node_ip:
         args.append(f"--node-ip-address={node_ip}")
+    if temp_dir:
+        args.append(f"--temp-dir={temp_dir}")
     _run_ray_start(args, _node_env(cluster_id, name, auth), f"provider {name!r}")
     return NodeRecord(
         name=name,
@@ -253,16 +270,15 @@ def up(cfg: LocalClusterConfig) -> ClusterState:
             f"a local cluster is already running at {existing.gcs_address}; "
             "run `raysys down` first"
         )
-    loopback = ipaddress.ip_address(cfg.dashboard_host).is_loopback
-    if not loopback and not cfg.auth:
-        logger.warning(
-            "the dashboard and job API bind to %s with authentication OFF: anyone who "
-            "reaches this address can run code on every node",
-            cfg.dashboard_host,
-        )
+    loopback = warn_if_exposed(cfg.dashboard_host, cfg.auth)
     if cfg.auth:
         ensure_auth_token()
     cluster_id = uuid.uuid4().hex[:12]
+    # Ray records "the" cluster of a machine in <temp dir>/ray_current_cluster,
+    # and a job's driver connects to whatever that file names: with the shared
+    # default temp dir, a job could join another Ray on this machine. Each
+    # cluster gets its own (short: Ray's socket paths must fit 107 bytes).
+    temp_dir = os.path.join(tempfile.gettempdir(), f"raysys-{cluster_id}")
     node_ip = "127.0.0.1" if loopback else None
     gcs_address = f"{node_ip or _primary_ip()}:{cfg.port}"
     head_args = [
@@ -275,6 +291,7 @@ def up(cfg: LocalClusterConfig) -> ClusterState:
         f"--dashboard-host={cfg.dashboard_host}",
         f"--dashboard-port={cfg.dashboard_port}",
         f"--object-store-memory={cfg.object_store_mb * 1024 * 1024}",
+        f"--temp-dir={temp_dir}",
     ]
     if node_ip:
         head_args.append(f"--node-ip-address={node_ip}")
@@ -284,6 +301,7 @@ def up(cfg: LocalClusterConfig) -> ClusterState:
         dashboard_url=f"http://{_url_host(cfg.dashboard_host)}:{cfg.dashboard_port}",
         auth=cfg.auth,
         started_at=time.time(),
+        temp_dir=temp_dir,
         nodes=[
             NodeRecord(
                 name="head",
@@ -308,6 +326,7 @@ def up(cfg: LocalClusterConfig) -> ClusterState:
                 auth=cfg.auth,
                 object_store_mb=cfg.object_store_mb,
                 node_ip=node_ip,
+                temp_dir=temp_dir,
             )
             state.nodes.append(record)
             write_state(state)
@@ -315,6 +334,7 @@ def up(cfg: LocalClusterConfig) -> ClusterState:
         logger.error("cluster start failed; stopping what was started")
         kill_marked(CLUSTER_MARKER, cluster_id)
         state_path().unlink(missing_ok=True)
+        shutil.rmtree(temp_dir, ignore_errors=True)
         raise
     return state
 
@@ -393,4 +413,6 @@ def down() -> bool:
         kill_marked(NODE_MARKER, node.marker, grace_s=3.0)
     kill_marked(CLUSTER_MARKER, state.cluster_id)
     state_path().unlink(missing_ok=True)
+    if state.temp_dir:
+        shutil.rmtree(state.temp_dir, ignore_errors=True)
     return True

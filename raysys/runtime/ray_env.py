@@ -13,6 +13,8 @@ the machine; the explicit order above never does.
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -20,38 +22,57 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import yaml
 
-from raysys.runtime.errors import ClusterError, RemoteTimeout
+from raysys.runtime.errors import ClusterError, ConfigError, RemoteTimeout
 
 logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
-# Never shipped with a job: history, environments, caches, outputs and data.
-RUNTIME_ENV_EXCLUDES = [
-    ".git",
-    ".venv",
-    "venv",
-    "**/__pycache__",
-    "*.pyc",
-    "*.egg-info",
-    ".pytest_cache",
-    ".ruff_cache",
-    ".whl",
-    ".gl",
-    "out",
-    "runs",
-    "data",
-    "shared",
-]
+# The runtime_env every job is submitted with; its ``excludes`` are the one list
+# of what never ships with a job (history, environments, caches, outputs, data).
+RUNTIME_ENV_FILE = PROJECT_ROOT / "jobs" / "runtime_env.yaml"
+
+
+def load_runtime_env(path: Path = RUNTIME_ENV_FILE) -> dict[str, Any]:
+    """The runtime_env in ``jobs/runtime_env.yaml`` (a fresh copy per call).
+
+    Raises:
+        ConfigError: the file is missing or its ``excludes`` is not a list of
+            strings.
+    """
+    return copy.deepcopy(_read_runtime_env(path))
+
+
+@functools.cache
+def _read_runtime_env(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(
+            f"{path} is missing: raysys submits jobs from a checkout of the "
+            "project, which holds jobs/runtime_env.yaml"
+        )
+    env = yaml.safe_load(path.read_text()) or {}
+    excludes = env.get("excludes", []) if isinstance(env, dict) else None
+    if not isinstance(excludes, list) or not all(isinstance(e, str) for e in excludes):
+        raise ConfigError(
+            f"{path}: expected a mapping with `excludes: [pattern, ...]`, got {env!r}"
+        )
+    return env
+
+
+def __getattr__(name: str) -> Any:
+    # RUNTIME_ENV_EXCLUDES is read from jobs/runtime_env.yaml on first use, so
+    # importing this module never depends on the checkout being present.
+    if name == "RUNTIME_ENV_EXCLUDES":
+        return list(load_runtime_env()["excludes"])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def project_runtime_env(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """A runtime_env that ships this project's source (not .git, venvs or data)."""
-    env: dict[str, Any] = {
-        "working_dir": str(PROJECT_ROOT),
-        "excludes": list(RUNTIME_ENV_EXCLUDES),
-    }
+    env = load_runtime_env()
+    env["working_dir"] = str(PROJECT_ROOT)
     env.update(extra or {})
     return env
 

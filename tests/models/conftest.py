@@ -8,7 +8,14 @@ import pytest
 import torch
 from hf_reference import save_hf_reference
 
-torch.set_num_threads(2)
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread, the more so on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,8 @@ import torch
 from hf_reference import save_hf_reference
 
 from raysys.models.hf import load_model
+from raysys.models.kv_cache import KVState
 from raysys.models.llama import (
-    KVState,
     LlamaConfig,
     decode_step,
     greedy_generate,
@@ -95,8 +95,15 @@ def test_greedy_generate_matches_transformers(tmp_path):
             do_sample=False,
             pad_token_id=0,
         )
-    ours = greedy_generate(model, prompt.tolist(), 12, chunk_size=4)
+    ours = greedy_generate(model, prompt.tolist(), 12, stop_ids=(), chunk_size=4)
     assert ours == hf_out[0, 9:].tolist()
+    # A stop id ends generation after it, included.
+    stop_at = ours[4]
+    first = ours.index(stop_at)
+    assert (
+        greedy_generate(model, prompt.tolist(), 12, stop_ids=[stop_at])
+        == ours[: first + 1]
+    )
 
 
 def test_attention_hook_gives_mlp_input(tmp_path):
@@ -162,7 +169,8 @@ def test_mixed_prefill_chunk_and_decode_in_one_forward(llama):
 @pytest.mark.parametrize("num_tokens", [7, 8, 9, 16, 17])
 def test_chunked_prefill_equals_one_shot(llama, num_tokens):
     prompt = tokens_like(num_tokens, seed=num_tokens)
-    one_shot, chunked = llama.new_cache(), llama.new_cache()
+    # Cache blocks of 8 positions: chunk and block boundaries coincide.
+    one_shot, chunked = llama.new_cache(), llama.new_cache(block_size=8)
     close(
         prefill(llama, prompt, chunked, chunk_size=8), prefill(llama, prompt, one_shot)
     )
@@ -278,3 +286,16 @@ def test_unknown_factory_field_and_context_overflow():
         ValueError, match="beyond the model's max_position_embeddings 8"
     ):
         prefill(model, torch.arange(3), cache)
+
+
+def test_attention_mask_with_padding_and_window():
+    from raysys.models.llama import attention_mask
+
+    mask, is_causal = attention_mask([2, 0], [2, 1], 2, window=2, cached=True)
+    expected = torch.tensor(
+        [[[0, 1, 1, 0], [0, 0, 1, 1]], [[1, 0, 0, 0], [1, 0, 0, 0]]], dtype=torch.bool
+    )
+    assert not is_causal and torch.equal(mask[:, 0], expected)
+    assert attention_mask([0], [5], 5, None, cached=False) == (None, True)
+    assert attention_mask([7], [1], 1, None, cached=True) == (None, False)
+    assert attention_mask([7], [1], 1, 7, cached=True)[0] is not None

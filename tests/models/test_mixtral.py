@@ -155,3 +155,21 @@ def test_config_checks():
         )
     with pytest.raises(ConfigError, match="unknown MixtralConfig fields"):
         tiny_mixtral_config(experts=3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_with_host_memory_experts_matches_cpu(reference_pair):
+    _, model, path = reference_pair
+    gpu = load_model(path, device="cuda", resident_experts=False)
+    gpu.set_expert_source(ExpertStore.from_model(model, device="cpu"))
+    prompts = [tokens_like(n, seed=50 + n) for n in (5, 11)]
+    cpu_caches, gpu_caches = [], []
+    for prompt in prompts:
+        cpu_caches.append(model.new_cache())
+        gpu_caches.append(gpu.new_cache())
+        prefill(model, prompt, cpu_caches[-1])
+        prefill(gpu, prompt.cuda(), gpu_caches[-1])
+    step = tokens_like(2, seed=60)
+    expected = decode_step(model, step, cpu_caches)
+    got = decode_step(gpu, step.cuda(), gpu_caches).cpu()
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-3)

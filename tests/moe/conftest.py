@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import shared_data
 
 from raysys.models.hf import load_model
 from raysys.models.llama import Llama
@@ -33,8 +34,4 @@ def expert_store(pair) -> ExpertStore:
 @pytest.fixture(scope="session")
 def mt_bench_path() -> Path:
     """The MT-Bench questions from the shared real-data folder (skip when absent)."""
-    path = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-    path = path / "prompts" / "mt_bench_questions.jsonl"
-    if not path.is_file():
-        pytest.skip(f"real input {path} is not present")
-    return path
+    return shared_data("prompts/mt_bench_questions.jsonl")

@@ -40,5 +40,5 @@ def test_bounded_get_raises_named_timeout(ray_cluster):
 
 def test_runtime_env_excludes_history_envs_and_data():
     env = project_runtime_env()
-    for name in (".git", ".venv", "data", "out"):
+    for name in (".git", ".venv", "/data", "/out"):
         assert name in env["excludes"]

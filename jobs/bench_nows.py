@@ -1,0 +1,290 @@
+"""Benchmark warm starts on held-out generated Darcy instances, side by side.
+
+    python jobs/bench_nows.py --out out/nows/bench.json
+
+For each resolution (default 64 and 128) the same instances are solved with CG
+and AMG-preconditioned CG at each tolerance (default 1e-3, 1e-5, 1e-6), cold
+(x0 = 0) and warm from two guesses with the same post-processing: the neural
+operator's prediction and the classical coarse-grid guess (a direct solve on a
+grid twice as coarse, interpolated). Prints the median matvec reduction and the
+time reduction (guess time included) per setting, the guesses' relative
+energy-norm errors, and cold+warm solves per second with 1 vs all workers;
+``--out FILE`` writes them as JSON and a PNG next to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from pydantic import Field
+
+from raysys.runtime import Config, init_ray, run_job
+from raysys.solvers.predictor import DEFAULT_MODEL
+
+logger = logging.getLogger("bench_nows")
+
+
+class BenchNowsConfig(Config):
+    """Warm-start benchmark on held-out generated Darcy instances."""
+
+    model: str = Field(str(DEFAULT_MODEL), description="saved Darcy operator")
+    num_instances: int = Field(32, ge=1, description="instances per resolution")
+    resolutions: list[int] = Field([64, 128], description="grid sizes n (n x n)")
+    solvers: list[str] = Field(["cg", "amg-cg"], description="solvers to compare")
+    rtols: list[float] = Field([1e-3, 1e-5, 1e-6], description="relative tolerances")
+    num_smoothing_sweeps: int = Field(
+        2, ge=0, description="Gauss-Seidel sweeps on every guess (each counted)"
+    )
+    coarse_factor: int = Field(2, ge=2, description="coarsening of the coarse guess")
+    seed: int = Field(
+        2000, description="seed of the instances (the operator trained on 0 and 1)"
+    )
+    throughput_instances: int = Field(
+        16, ge=0, description="instances of the 1-vs-all-workers run (0 skips it)"
+    )
+    throughput_resolution: int = Field(128, ge=4, description="its grid size")
+    batch_size: int = Field(16, ge=1, description="instances per prediction batch")
+    timeout_s: float = Field(3600, gt=0, description="bound on each run")
+    out: str | None = Field(None, description="JSON report path (optional)")
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _records(results, resolution, settings):
+    from raysys.solvers.reports import BenchRecord, summarise
+
+    records = []
+    for solver in settings.solvers:
+        for rtol in settings.rtols:
+            for guess in settings.guesses:
+                rows = [
+                    r
+                    for r in results
+                    if r.solver == solver and r.rtol == rtol and r.guess == guess
+                ]
+                s = summarise(rows)
+                done = [r for r in rows if r.ok]
+                records.append(
+                    BenchRecord(
+                        resolution=resolution,
+                        solver=solver,
+                        rtol=rtol,
+                        guess=guess,
+                        median_matvec_reduction=s.median_matvec_reduction,
+                        time_reduction=s.time_reduction,
+                        time_reduction_without_guess=s.time_reduction_without_guess,
+                        num_instances=s.num_instances,
+                        num_failed=s.num_failed,
+                        num_fallbacks=s.num_fallbacks,
+                        num_converged_warm=s.num_converged_warm,
+                        num_converged_cold=s.num_converged_cold,
+                        median_iterations_cold=s.median_iterations_cold,
+                        median_iterations_warm=s.median_iterations_warm,
+                        median_matvecs_cold=_median(r.matvecs_cold for r in done),
+                        median_matvecs_warm=_median(r.matvecs_warm for r in done),
+                        time_guess_per_instance_s=_median(r.time_guess_s for r in done),
+                    )
+                )
+    return records
+
+
+def _plot(records, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = {name: k for k, name in enumerate(("cg", "gmres", "bicgstab", "amg-cg"))}
+    groups = sorted(
+        {(r.resolution, r.solver) for r in records},
+        key=lambda g: (g[0], order.get(g[1], 9)),
+    )
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.6))
+    axes = [axes] if len(groups) == 1 else list(axes)
+    for ax, (res, solver) in zip(axes, groups, strict=True):
+        rows = [r for r in records if r.resolution == res and r.solver == solver]
+        rtols = sorted({r.rtol for r in rows}, reverse=True)
+        for k, guess in enumerate(("operator", "coarse-grid")):
+            vals = [
+                next(
+                    (
+                        100 * (r.median_matvec_reduction or 0)
+                        for r in rows
+                        if r.rtol == t and r.guess == guess
+                    ),
+                    0,
+                )
+                for t in rtols
+            ]
+            ax.bar([i + 0.4 * k for i in range(len(rtols))], vals, 0.4, label=guess)
+        ax.set_xticks([i + 0.2 for i in range(len(rtols))], [f"{t:g}" for t in rtols])
+        ax.set_xlabel("rtol")
+        ax.set_ylabel("median matvec reduction (%)")
+        ax.set_title(f"{solver}, {res}x{res}")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _energy_errors(instances, model, cfg):
+    """Median relative energy-norm error of each guess kind (after smoothing)."""
+    import numpy as np
+
+    from raysys.solvers.families import get_family
+    from raysys.solvers.warmstart import coarse_grid_guess, smooth
+
+    fam = get_family("darcy")
+    feats = np.stack([fam.features(i) for i in instances])
+    import torch
+
+    with torch.no_grad():
+        preds = model(torch.from_numpy(feats)).double().numpy()[:, 0]
+    errors: dict[str, list[float]] = {}
+    for inst, pred in zip(instances, preds, strict=True):
+        A, b = fam.assemble(inst)
+        u = inst.reference.ravel()
+        norm_u = float(np.sqrt(u @ (A @ u)))
+        coarse = coarse_grid_guess(fam, inst, cfg.coarse_factor)
+        for kind, guess in (("operator", pred.ravel()), ("coarse-grid", coarse)):
+            for label, x in (
+                (kind, guess),
+                (
+                    f"{kind}+{cfg.num_smoothing_sweeps}gs",
+                    smooth(A, guess, b, cfg.num_smoothing_sweeps),
+                ),
+            ):
+                e = x - u
+                errors.setdefault(label, []).append(
+                    float(np.sqrt(e @ (A @ e))) / norm_u
+                )
+    return {k: statistics.median(v) for k, v in errors.items()}
+
+
+def main(cfg: BenchNowsConfig) -> None:
+    import torch
+
+    from raysys.solvers.datasets import generate_instances
+    from raysys.solvers.predictor import load_model
+    from raysys.solvers.reports import BenchReport, ThroughputRecord
+    from raysys.solvers.runner import run_solves
+    from raysys.solvers.worker import SolveSettings
+
+    start = time.perf_counter()
+    torch.set_num_threads(1)
+    model = load_model(cfg.model)
+    init_ray()
+    settings = SolveSettings(
+        solvers=tuple(cfg.solvers),
+        rtols=tuple(cfg.rtols),
+        num_smoothing_sweeps=cfg.num_smoothing_sweeps,
+        guesses=("operator", "coarse-grid"),
+        coarse_factor=cfg.coarse_factor,
+    )
+    records = []
+    energy: dict[str, float] = {}
+    for n in cfg.resolutions:
+        instances = generate_instances("darcy", n, cfg.num_instances, cfg.seed)
+        outcome = run_solves(
+            instances,
+            settings,
+            model=model,
+            batch_size=cfg.batch_size,
+            timeout_s=cfg.timeout_s,
+        )
+        records += _records(outcome.results, n, settings)
+        for k, v in _energy_errors(instances, model, cfg).items():
+            energy[f"{n}/{k}"] = v
+
+    throughput = []
+    if cfg.throughput_instances:
+        import ray
+
+        n = cfg.throughput_resolution
+        instances = generate_instances(
+            "darcy", n, cfg.throughput_instances, cfg.seed + 1, with_reference=False
+        )
+        one = SolveSettings(
+            solvers=("cg",),
+            rtols=(1e-6,),
+            num_smoothing_sweeps=cfg.num_smoothing_sweeps,
+        )
+        num_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        for workers in (1, num_cpus):
+            outcome = run_solves(
+                instances,
+                one,
+                model=model,
+                batch_size=cfg.batch_size,
+                timeout_s=cfg.timeout_s,
+                max_in_flight=workers,
+                progress=False,
+            )
+            throughput.append(
+                ThroughputRecord(
+                    resolution=n,
+                    num_workers=workers,
+                    num_solves=2 * len(instances),
+                    solves_per_s=2 * len(instances) / outcome.wall_time_s,
+                )
+            )
+
+    report = BenchReport(
+        config=cfg.model_dump(),
+        model=cfg.model,
+        results=records,
+        throughput=throughput,
+        relative_energy_error=energy,
+        wall_time_s=time.perf_counter() - start,
+    )
+    print_table(report)
+    if cfg.out:
+        out = Path(cfg.out)
+        report.write(out)
+        _plot(records, out.with_suffix(".png"))
+        print(f"report {out.resolve()}  plot {out.with_suffix('.png').resolve()}")
+
+
+def print_table(report) -> None:
+    """Side-by-side table of reductions, energy errors and throughput."""
+
+    def pct(v):
+        return "   n/a" if v is None else f"{100 * v:5.1f}%"
+
+    print(
+        f"{'n':>4} {'solver':<7} {'rtol':>6}  {'guess':<11} {'matvec red.':>11} "
+        f"{'time red.':>9} {'(no guess)':>10}  {'iters cold->warm':>16}  "
+        "fallbacks  converged"
+    )
+    for r in report.results:
+        iters = f"{r.median_iterations_cold:g}->{r.median_iterations_warm:g}"
+        print(
+            f"{r.resolution:>4} {r.solver:<7} {r.rtol:>6.0e}  {r.guess:<11} "
+            f"{pct(r.median_matvec_reduction):>11} {pct(r.time_reduction):>9} "
+            f"{pct(r.time_reduction_without_guess):>10}  "
+            f"{iters:>16}  {r.num_fallbacks:>9}  "
+            f"{r.num_converged_warm}/{r.num_instances - r.num_failed}"
+        )
+    print("median relative energy-norm error of the guesses:")
+    for k, v in report.relative_energy_error.items():
+        print(f"  {k:<28} {v:.4f}")
+    for t in report.throughput:
+        print(
+            f"throughput at {t.resolution}x{t.resolution}: {t.num_workers} worker(s) "
+            f"{t.solves_per_s:.1f} solves/s"
+        )
+    if len(report.throughput) == 2:
+        ratio = report.throughput[1].solves_per_s / report.throughput[0].solves_per_s
+        print(f"  all workers / 1 worker: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(BenchNowsConfig, main))

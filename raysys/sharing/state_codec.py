@@ -1,0 +1,185 @@
+"""Turn a workload's ``state_dict()`` into JSON plus safetensors, and back.
+
+A checkpoint never holds a pickle: tensors (torch or numpy) go into one
+safetensors blob, everything else into a JSON tree in which each tensor is a
+reference to its key in that blob. JSON cannot say everything Python state
+holds, so a few values are wrapped in an object carrying the reserved key
+``"__raysys__"``:
+
+- ``{"__raysys__": "tensor", "key": "t3", "kind": "torch"|"numpy"}``;
+- ``{"__raysys__": "tuple", "items": [...]}``;
+- ``{"__raysys__": "dict", "items": [[key, value], ...]}`` for dicts whose keys
+  are not all strings (a torch optimizer's ``state`` is keyed by ints), or that
+  use the reserved key themselves;
+- ``{"__raysys__": "float", "value": "nan"|"inf"|"-inf"}``;
+- ``{"__raysys__": "bytes", "hex": "..."}``.
+
+Decoding reverses exactly these forms, so ``decode(encode(s)) == s`` for every
+state made of None, bools, ints, floats, strings, bytes, lists, tuples, dicts
+and tensors. Anything else is refused with the path of the offending value.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from raysys.runtime.errors import RaysysError
+
+TAG = "__raysys__"
+
+
+class StateEncodingError(RaysysError, TypeError):
+    """A state holds a value the checkpoint format cannot store."""
+
+
+def _is_torch_tensor(value: Any) -> bool:
+    torch = _torch_if_loaded()
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _torch_if_loaded():
+    import sys
+
+    return sys.modules.get("torch")
+
+
+def encode_state(state: Any) -> tuple[Any, dict[str, Any]]:
+    """Split ``state`` into a JSON-ready tree and a dict of named tensors.
+
+    Returns:
+        ``(tree, tensors)``: ``tree`` holds only JSON types; ``tensors`` maps
+        keys (``t0``, ``t1``, ...) to CPU torch tensors or numpy arrays.
+
+    Raises:
+        StateEncodingError: a value has a type the format cannot store; the
+            message gives its path inside the state.
+    """
+    tensors: dict[str, Any] = {}
+
+    def walk(value: Any, path: str) -> Any:
+        if value is None or isinstance(value, bool | str):
+            return value
+        if isinstance(value, int):
+            return int(value)
+        if isinstance(value, float):
+            if math.isfinite(value):
+                return value
+            return {TAG: "float", "value": repr(value)}
+        if isinstance(value, np.generic):
+            return walk(value.item(), path)
+        if isinstance(value, bytes):
+            return {TAG: "bytes", "hex": value.hex()}
+        if _is_torch_tensor(value):
+            key = f"t{len(tensors)}"
+            tensors[key] = value.detach().cpu().contiguous().clone()
+            return {TAG: "tensor", "key": key, "kind": "torch"}
+        if isinstance(value, np.ndarray):
+            if value.dtype == object:
+                raise StateEncodingError(
+                    f"state{path} is a numpy array of Python objects; store a "
+                    "numeric array instead"
+                )
+            key = f"t{len(tensors)}"
+            tensors[key] = np.ascontiguousarray(value).copy()
+            return {TAG: "tensor", "key": key, "kind": "numpy"}
+        if isinstance(value, tuple):
+            items = [walk(v, f"{path}[{i}]") for i, v in enumerate(value)]
+            return {TAG: "tuple", "items": items}
+        if isinstance(value, list):
+            return [walk(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, dict):
+            plain = all(isinstance(k, str) for k in value) and TAG not in value
+            if plain:
+                return {k: walk(v, f"{path}[{k!r}]") for k, v in value.items()}
+            items = []
+            for k, v in value.items():
+                if not (k is None or isinstance(k, bool | int | float | str)):
+                    raise StateEncodingError(
+                        f"state{path} has a key of type {type(k).__name__}; "
+                        "dict keys must be str, int, float, bool or None"
+                    )
+                items.append([walk(k, path), walk(v, f"{path}[{k!r}]")])
+            return {TAG: "dict", "items": items}
+        raise StateEncodingError(
+            f"state{path} is a {type(value).__module__}.{type(value).__name__}; "
+            "checkpoint state may hold only tensors, numpy arrays, numbers, "
+            "strings, bytes, None, lists, tuples and dicts"
+        )
+
+    return walk(state, ""), tensors
+
+
+def decode_state(tree: Any, tensors: dict[str, Any]) -> Any:
+    """Rebuild the state `encode_state` split, taking tensors from ``tensors``.
+
+    Raises:
+        StateEncodingError: the tree refers to a tensor that is missing, or
+            holds an unknown tagged form.
+    """
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        if not isinstance(value, dict):
+            return value
+        tag = value.get(TAG)
+        if tag is None:
+            return {k: walk(v) for k, v in value.items()}
+        if tag == "tensor":
+            key = value["key"]
+            if key not in tensors:
+                raise StateEncodingError(f"checkpoint refers to missing tensor {key}")
+            tensor = tensors[key]
+            if value.get("kind") == "numpy" and not isinstance(tensor, np.ndarray):
+                return tensor.numpy()
+            if value.get("kind") == "torch" and isinstance(tensor, np.ndarray):
+                import torch
+
+                return torch.from_numpy(tensor)
+            return tensor
+        if tag == "tuple":
+            return tuple(walk(v) for v in value["items"])
+        if tag == "dict":
+            return {walk(k): walk(v) for k, v in value["items"]}
+        if tag == "float":
+            return float(value["value"])
+        if tag == "bytes":
+            return bytes.fromhex(value["hex"])
+        raise StateEncodingError(f"unknown tagged value {tag!r} in checkpoint")
+
+    return walk(tree)
+
+
+def tensors_to_bytes(tensors: dict[str, Any]) -> tuple[bytes, str]:
+    """Serialise tensors with safetensors; returns ``(blob, flavour)``.
+
+    The flavour is ``"torch"`` when any tensor is a torch tensor (numpy arrays
+    are then stored through torch too) and ``"numpy"`` otherwise, so a state
+    without torch tensors never imports torch.
+    """
+    if any(_is_torch_tensor(t) for t in tensors.values()):
+        import torch
+        from safetensors.torch import save
+
+        as_torch = {
+            k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v)
+            for k, v in tensors.items()
+        }
+        return save(as_torch), "torch"
+    from safetensors.numpy import save
+
+    return save(tensors), "numpy"
+
+
+def tensors_from_bytes(blob: bytes, flavour: str) -> dict[str, Any]:
+    """Read a safetensors blob written by `tensors_to_bytes`."""
+    if flavour == "torch":
+        from safetensors.torch import load
+
+        return load(blob)
+    from safetensors.numpy import load
+
+    return load(blob)

@@ -1,0 +1,15 @@
+"""Errors of the solvers subsystem, each naming the bad value and the fix."""
+
+from raysys.runtime.errors import RaysysError
+
+
+class InvalidInstance(RaysysError, ValueError):
+    """One PDE instance cannot be solved (wrong shape, NaN, non-positive field)."""
+
+
+class DataFormatError(RaysysError, ValueError):
+    """A data file is missing, unreadable, or lacks the arrays it must hold."""
+
+
+class ModelFormatError(RaysysError, ValueError):
+    """A saved operator directory is missing files or holds inconsistent weights."""

@@ -1,0 +1,201 @@
+"""Fan solves out over the cluster and stream their results back.
+
+1. Each instance is validated on the driver; a bad one (wrong shape, NaN or
+   non-positive coefficient, unknown family) gets an error result and goes no
+   further.
+2. When an operator guess is wanted, the valid instances go, grouped by grid
+   size, in batches to one predictor actor (on a GPU when the cluster has one).
+3. Every instance becomes one solve task that depends on its batch's
+   prediction, so solves start as soon as their batch is predicted.
+4. Results come back as tasks finish (``ray.wait``), with a progress bar; the
+   whole run is bounded by ``timeout_s``, after which unfinished instances are
+   cancelled and reported as timed out. A task that dies becomes its
+   instance's error; the others finish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+from tqdm import tqdm
+
+from raysys.models.fno import FNO
+from raysys.solvers.errors import InvalidInstance
+from raysys.solvers.families import Instance, get_family
+from raysys.solvers.predictor import start_predictor
+from raysys.solvers.reports import InstanceResult
+from raysys.solvers.worker import (
+    SolveSettings,
+    check_solver_fits,
+    failed_results,
+    solve_instance_task,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunOutcome:
+    """Results of a run, in the order of the input instances."""
+
+    results: list[InstanceResult]
+    inference_time_s: float
+    wall_time_s: float
+
+
+def check_model_fits(model: FNO, family: str) -> None:
+    """The model must have been trained on the family's input channels.
+
+    Raises:
+        InvalidInstance: the channel count or the recorded family differs.
+    """
+    fam = get_family(family)
+    trained_on = model.config.metadata.get("family")
+    if trained_on is not None and trained_on != family:
+        raise InvalidInstance(
+            f"the operator was trained on {trained_on!r} instances, not {family!r}; "
+            "train one for this family with jobs/nows_train.py"
+        )
+    if model.config.in_channels != len(fam.feature_names):
+        raise InvalidInstance(
+            f"the operator takes {model.config.in_channels} input fields; family "
+            f"{family!r} has {len(fam.feature_names)} ({', '.join(fam.feature_names)})"
+        )
+
+
+def _validate(inst: Instance, settings: SolveSettings) -> np.ndarray:
+    fam = get_family(inst.family)
+    for solver in settings.solvers:
+        check_solver_fits(inst.family, solver)
+    return fam.features(inst)  # validates the fields
+
+
+def run_solves(
+    instances: Sequence[Instance],
+    settings: SolveSettings,
+    *,
+    model: FNO | None = None,
+    batch_size: int = 16,
+    timeout_s: float = 3600.0,
+    max_in_flight: int | None = None,
+    progress: bool = True,
+) -> RunOutcome:
+    """Solve every instance cold and warm on the cluster.
+
+    Args:
+        instances: the instances; names should be unique.
+        settings: solvers, tolerances, guess kinds and post-processing.
+        model: the operator, needed when ``"operator"`` is in the guesses.
+        batch_size: instances per prediction batch.
+        timeout_s: bound on the whole run; the rest are reported timed out.
+        max_in_flight: most solve tasks running at once (None: all submitted).
+        progress: show a progress bar.
+    """
+    start = time.perf_counter()
+    wants_operator = "operator" in settings.guesses
+    if wants_operator and model is None:
+        raise ValueError("an operator guess was asked for but no model was given")
+
+    slots: list[list[InstanceResult] | None] = [None] * len(instances)
+    valid: list[tuple[int, np.ndarray]] = []
+    for i, inst in enumerate(instances):
+        try:
+            valid.append((i, _validate(inst, settings)))
+        except InvalidInstance as e:
+            logger.warning("instance %s rejected: %s", inst.name, e)
+            slots[i] = failed_results(inst.name, settings, str(e))
+
+    # batches of equal grid size go to the predictor
+    predictions: dict[int, tuple[ray.ObjectRef | None, int]] = {
+        i: (None, 0) for i, _ in valid
+    }
+    batch_refs: list[ray.ObjectRef] = []
+    actor = None
+    if wants_operator and valid:
+        families = {instances[i].family for i, _ in valid}
+        for family in families:
+            check_model_fits(model, family)
+        actor = start_predictor(model)
+        by_shape: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
+        for i, feats in valid:
+            by_shape.setdefault(feats.shape, []).append((i, feats))
+        for group in by_shape.values():
+            for k in range(0, len(group), batch_size):
+                chunk = group[k : k + batch_size]
+                ref = actor.predict.remote(np.stack([f for _, f in chunk]))
+                batch_refs.append(ref)
+                for row, (i, _) in enumerate(chunk):
+                    predictions[i] = (ref, row)
+
+    pending: dict[ray.ObjectRef, int] = {}
+    queue = [i for i, _ in valid]
+    limit = max_in_flight or len(queue) or 1
+    bar = tqdm(
+        total=len(instances), desc="solves", disable=not progress, unit="instance"
+    )
+    bar.update(len(instances) - len(valid))
+    deadline = start + timeout_s
+    try:
+        while queue or pending:
+            while queue and len(pending) < limit:
+                i = queue.pop(0)
+                ref, row = predictions[i]
+                task = solve_instance_task.remote(instances[i], ref, row, settings)
+                pending[task] = i
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=remaining)
+            for ref in done:
+                i = pending.pop(ref)
+                slots[i] = _collect(ref, instances[i], settings)
+                bar.update(1)
+    finally:
+        bar.close()
+    for ref, i in pending.items():
+        ray.cancel(ref, force=True)
+        slots[i] = failed_results(
+            instances[i].name,
+            settings,
+            f"timed out: the run's {timeout_s:g} s bound passed before it finished",
+        )
+    for i in queue:
+        slots[i] = failed_results(
+            instances[i].name,
+            settings,
+            f"not started: the run's {timeout_s:g} s bound passed first",
+        )
+
+    inference_time_s = 0.0
+    if batch_refs:
+        finished, _ = ray.wait(batch_refs, num_returns=len(batch_refs), timeout=0)
+        for ref in finished:
+            # a failed batch's instances already carry the error
+            with contextlib.suppress(ray.exceptions.RayError):
+                inference_time_s += ray.get(ref)[1]
+    if actor is not None:
+        ray.kill(actor)
+    return RunOutcome(
+        results=[r for slot in slots for r in slot],
+        inference_time_s=inference_time_s,
+        wall_time_s=time.perf_counter() - start,
+    )
+
+
+def _collect(
+    ref: ray.ObjectRef, inst: Instance, settings: SolveSettings
+) -> list[InstanceResult]:
+    try:
+        return ray.get(ref, timeout=60)
+    except ray.exceptions.RayError as e:
+        logger.warning("instance %s: its solve task failed: %s", inst.name, e)
+        cause = getattr(e, "cause", None) or e
+        return failed_results(
+            inst.name, settings, f"task failed: {type(cause).__name__}: {cause}"
+        )

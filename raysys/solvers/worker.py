@@ -1,0 +1,236 @@
+"""Solve one instance cold and warm for every requested setting (a Ray task).
+
+For each solver and tolerance the cold solve (x0 = 0) runs once; each guess
+kind then gets its warm solve with the same solver and stopping rule:
+
+- ``operator``: the neural operator's prediction, made in batches by the
+  predictor actor and handed in;
+- ``coarse-grid``: the classical baseline, a direct solve on a grid
+  ``coarse_factor`` times coarser, interpolated to the instance's grid.
+
+Both guesses get the same post-processing (Gauss-Seidel sweeps, policy). AMG-CG
+gets no sweeps: every V-cycle of its preconditioner already smooths, so sweeps
+on the guess would only add work.
+Whatever goes wrong with the instance becomes the ``error`` of its results;
+other instances are not affected.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+
+from raysys.solvers.errors import InvalidInstance
+from raysys.solvers.families import Instance, darcy_matrix, get_family
+from raysys.solvers.krylov import SYMMETRIC_SOLVERS, KrylovSolver
+from raysys.solvers.policy import WarmStartPolicy
+from raysys.solvers.reports import InstanceResult
+from raysys.solvers.warmstart import coarse_grid_guess, warm_solve
+
+logger = logging.getLogger(__name__)
+
+GUESS_KINDS = ("operator", "coarse-grid")
+
+
+@dataclass(frozen=True)
+class SolveSettings:
+    """What to run on every instance.
+
+    Attributes:
+        solvers: solver names (see `raysys.solvers.krylov.SOLVERS`).
+        rtols: relative tolerances.
+        atol: absolute tolerance (threshold ``max(rtol ||b||, atol)``).
+        maxiter: iteration cap, None for the solver default (10 N).
+        restart: GMRES restart length.
+        num_smoothing_sweeps: Gauss-Seidel sweeps on every guess (not for
+            ``amg-cg``, whose V-cycles smooth already).
+        guesses: guess kinds to try (``operator``, ``coarse-grid``).
+        coarse_factor: grid coarsening of the coarse-grid guess.
+    """
+
+    solvers: tuple[str, ...] = ("cg",)
+    rtols: tuple[float, ...] = (1e-5,)
+    atol: float = 0.0
+    maxiter: int | None = None
+    restart: int = 30
+    num_smoothing_sweeps: int = 2
+    guesses: tuple[str, ...] = ("operator",)
+    coarse_factor: int = 2
+
+    def sweeps_for(self, solver: str) -> int:
+        """Gauss-Seidel sweeps on the guess for ``solver`` (none for AMG-CG)."""
+        return 0 if solver == "amg-cg" else self.num_smoothing_sweeps
+
+
+def failed_results(
+    name: str, settings: SolveSettings, error: str, resolution: int | None = None
+) -> list[InstanceResult]:
+    """One result with ``error`` for each setting the instance would have had."""
+    return [
+        InstanceResult(
+            name=name,
+            resolution=resolution,
+            solver=solver,
+            rtol=rtol,
+            guess=guess,
+            error=error,
+        )
+        for solver in settings.solvers
+        for rtol in settings.rtols
+        for guess in settings.guesses
+    ]
+
+
+def check_solver_fits(family_name: str, solver: str) -> None:
+    """CG needs a symmetric positive definite matrix.
+
+    Raises:
+        InvalidInstance: the solver is CG-based and the family is not symmetric.
+    """
+    if solver in SYMMETRIC_SOLVERS and not get_family(family_name).symmetric:
+        raise InvalidInstance(
+            f"solver {solver!r} needs a symmetric positive definite matrix and "
+            f"family {family_name!r} is non-symmetric; use gmres or bicgstab"
+        )
+
+
+_WARMED_UP: set[str] = set()
+
+
+def warm_up(solvers: tuple[str, ...]) -> None:
+    """Run each solver once on a tiny system so timings exclude first-call costs.
+
+    The first call of a solver in a fresh worker process pays for lazy imports
+    and caches; left in, it would land on whichever solve is timed first.
+    """
+    for name in solvers:
+        if name in _WARMED_UP:
+            continue
+        A = darcy_matrix(np.ones((6, 6)))
+        b = np.ones(A.shape[0])
+        solver = KrylovSolver(A, name, rtol=1e-8)
+        warm_solve(
+            solver,
+            b,
+            0.5 * solver.solve(b).x,
+            WarmStartPolicy(True),
+            num_smoothing_sweeps=1,
+        )
+        _WARMED_UP.add(name)
+
+
+def solve_instance(
+    inst: Instance,
+    operator_guess: np.ndarray | None,
+    operator_time_s: float,
+    settings: SolveSettings,
+) -> list[InstanceResult]:
+    """Cold and warm solves of ``inst`` for every setting (no Ray).
+
+    Args:
+        operator_guess: (n, n) prediction, or None when no operator guess is
+            asked for or the prediction failed.
+        operator_time_s: this instance's share of the batched inference time.
+
+    Raises:
+        InvalidInstance: the instance cannot be assembled.
+    """
+    fam = get_family(inst.family)
+    A, b = fam.assemble(inst)
+    n = inst.resolution
+    warm_up(settings.solvers)
+
+    guesses: dict[str, tuple[np.ndarray | None, float]] = {}
+    for kind in settings.guesses:
+        if kind == "operator":
+            guess = None if operator_guess is None else operator_guess.ravel()
+            guesses[kind] = (guess, operator_time_s)
+        elif kind == "coarse-grid":
+            start = time.perf_counter()
+            guess = coarse_grid_guess(fam, inst, settings.coarse_factor)
+            guesses[kind] = (guess, time.perf_counter() - start)
+        else:
+            raise ValueError(f"unknown guess kind {kind!r}; use {GUESS_KINDS}")
+
+    results = []
+    for solver_name in settings.solvers:
+        check_solver_fits(inst.family, solver_name)
+        base = KrylovSolver(
+            A,
+            solver_name,
+            rtol=settings.rtols[0],
+            atol=settings.atol,
+            maxiter=settings.maxiter,
+            restart=settings.restart,
+        )
+        policy = WarmStartPolicy(symmetric=solver_name in SYMMETRIC_SOLVERS)
+        num_sweeps = settings.sweeps_for(solver_name)
+        for rtol in settings.rtols:
+            solver = copy.copy(base)  # shares the AMG hierarchy
+            solver.rtol = rtol
+            cold = solver.solve(b)
+            for kind, (guess, guess_time_s) in guesses.items():
+                warm = warm_solve(
+                    solver,
+                    b,
+                    guess,
+                    policy,
+                    num_smoothing_sweeps=num_sweeps,
+                    name=f"{inst.name} ({solver_name}, rtol {rtol:g}, {kind})",
+                )
+                results.append(
+                    InstanceResult(
+                        name=inst.name,
+                        resolution=n,
+                        solver=solver_name,
+                        rtol=rtol,
+                        guess=kind,
+                        iterations_cold=cold.num_iterations,
+                        iterations_warm=warm.result.num_iterations,
+                        matvecs_cold=cold.num_matvecs,
+                        matvecs_warm=warm.num_matvecs,
+                        time_cold_s=cold.time_s,
+                        time_warm_s=warm.time_s,
+                        time_guess_s=guess_time_s,
+                        residual_cold=cold.residual_norm,
+                        residual_warm=warm.result.residual_norm,
+                        threshold=cold.threshold,
+                        converged_cold=cold.converged,
+                        converged_warm=warm.result.converged,
+                        fallback=warm.fallback,
+                        decision=warm.verdict.decision.value,
+                    )
+                )
+    return results
+
+
+@ray.remote(num_cpus=1, max_retries=0)
+def solve_instance_task(
+    inst: Instance,
+    prediction: tuple[np.ndarray, float] | None,
+    index: int,
+    settings: SolveSettings,
+) -> list[InstanceResult]:
+    """`solve_instance` as a Ray task; any failure becomes the results' ``error``.
+
+    Args:
+        prediction: (predictions (B, n, n), batch inference seconds) of the batch
+            holding this instance, or None.
+        index: the instance's row in that batch.
+    """
+    guess, guess_time_s = None, 0.0
+    if prediction is not None:
+        batch, elapsed_s = prediction
+        guess, guess_time_s = batch[index], elapsed_s / len(batch)
+    try:
+        return solve_instance(inst, guess, guess_time_s, settings)
+    except Exception as e:  # one instance's failure must not stop the others
+        logger.warning("instance %s failed: %s", inst.name, e)
+        return failed_results(
+            inst.name, settings, f"{type(e).__name__}: {e}", inst.resolution
+        )

@@ -1,0 +1,192 @@
+"""The engine on CPU: greedy outputs against the model served alone, KV handoff,
+chunk and block boundaries, KV accounting and cancellation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raysys.models.llama import greedy_generate
+from raysys.serving.batching import EngineConfig
+from raysys.serving.engine import (
+    Engine,
+    EngineError,
+    Finished,
+    FirstToken,
+    measure_profile,
+)
+from raysys.serving.instance import ModelSource
+
+torch.set_num_threads(1)
+
+CHUNK = 64  # step budget; the KV cache also grows in blocks of 64 positions
+# Just below, at and just above one and two chunk/block boundaries.
+LENGTHS = (1, 63, 64, 65, 127, 128, 129)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ModelSource(seed=3).build()
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n,), generator=generator).tolist()
+
+
+def drain(engine: Engine, place=None) -> dict[int, tuple[int, ...]]:
+    """Step until idle; prefilled requests continue here unless ``place`` handles
+    them. Returns the outputs of finished requests."""
+    outputs = {}
+    for _ in range(10_000):
+        if not engine.has_work:
+            return outputs
+        for event in engine.step():
+            if isinstance(event, FirstToken) and event.request_id in engine.seqs:
+                if place is None:
+                    engine.continue_here(event.request_id)
+                else:
+                    place(event.request_id)
+            elif isinstance(event, Finished):
+                outputs[event.request_id] = event.output
+    raise AssertionError("engine did not go idle")
+
+
+def test_batched_chunked_serving_equals_each_prompt_alone(model):
+    prompts = [prompt(n, seed=n) for n in LENGTHS]
+    expected = [tuple(greedy_generate(model, p, 12, stop_ids=())) for p in prompts]
+    engine = Engine(model, EngineConfig(max_step_tokens=CHUNK))
+    for i, p in enumerate(prompts):
+        engine.add_prefill(i, p, 12, ignore_eos=True)
+    outputs = drain(engine)
+    assert [outputs[i] for i in range(len(prompts))] == expected
+    assert engine.kv_used_tokens == 0
+    assert engine.seqs == {}
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_kv_handoff_continues_token_for_token(model, length):
+    p = prompt(length, seed=100 + length)
+    expected = tuple(greedy_generate(model, p, 10, stop_ids=()))
+    sender = Engine(model, EngineConfig(max_step_tokens=CHUNK))
+    receiver = Engine(model, EngineConfig(max_step_tokens=CHUNK))
+    sender.add_prefill(7, p, 10, ignore_eos=True)
+
+    handoffs = []
+    drain(sender, place=lambda rid: handoffs.append(sender.export(rid)))
+    (handoff,) = handoffs
+    assert handoff.kv.num_tokens == length
+    assert sender.holds() == {7: "awaiting"}  # kept until released
+    receiver.accept(handoff)
+    sender.release(7)
+    assert sender.kv_used_tokens == 0 and sender.holds() == {}
+
+    outputs = drain(receiver)
+    assert outputs[7] == expected
+    assert receiver.kv_used_tokens == 0
+
+
+def test_stop_token_ends_a_request_unless_ignored(model):
+    p = prompt(20, seed=5)
+    expected = greedy_generate(model, p, 12, stop_ids=())
+    stop = expected[3]
+    engine = Engine(model, EngineConfig(), stop_ids=[stop])
+    engine.add_prefill(0, p, 12)
+    engine.add_prefill(1, p, 12, ignore_eos=True)
+    outputs = drain(engine)
+    assert outputs[0] == tuple(expected[: expected.index(stop) + 1])
+    assert outputs[1] == tuple(expected)
+
+
+def test_kv_capacity_holds_back_prompts_until_memory_frees(model):
+    engine = Engine(model, EngineConfig(max_step_tokens=256), kv_capacity_tokens=50)
+    engine.add_prefill(0, prompt(30, 1), 10, ignore_eos=True)  # 40 tokens of KV
+    engine.add_prefill(1, prompt(30, 2), 10, ignore_eos=True)  # must wait
+    first = engine.step()
+    assert [e.request_id for e in first if isinstance(e, FirstToken)] == [0]
+    assert engine.kv_used_tokens == 40
+    assert engine.holds()[1] == "queued"
+    engine.continue_here(0)
+    outputs = drain(engine)
+    assert set(outputs) == {0, 1}
+    assert engine.kv_used_tokens == 0
+
+
+@pytest.mark.parametrize("where", ["queued", "prefilling", "awaiting", "decoding"])
+def test_cancel_frees_kv_in_every_phase(model, where):
+    engine = Engine(model, EngineConfig(max_step_tokens=16), kv_capacity_tokens=4096)
+    engine.add_prefill(0, prompt(40, 1), 20, ignore_eos=True)
+    if where != "queued":
+        engine.step()  # 16 of 40 prompt tokens
+    if where in ("awaiting", "decoding"):
+        engine.step()
+        engine.step()
+        assert engine.holds() == {0: "awaiting"}
+    if where == "decoding":
+        engine.continue_here(0)
+        engine.step()
+    assert engine.holds() == {0: where}
+    assert engine.kv_used_tokens == (0 if where == "queued" else 60)
+    assert engine.cancel(0)
+    assert engine.holds() == {} and engine.kv_used_tokens == 0
+    assert not engine.has_work
+    assert not engine.cancel(0)
+
+
+def test_cancel_of_an_accepted_request_before_admission(model):
+    sender = Engine(model, EngineConfig())
+    sender.add_prefill(3, prompt(10, 3), 5, ignore_eos=True)
+    handoffs = []
+    drain(sender, place=lambda rid: handoffs.append(sender.export(rid)))
+    receiver = Engine(model, EngineConfig())
+    receiver.accept(handoffs[0])
+    assert receiver.holds() == {3: "incoming"}
+    receiver.cancel(3)
+    assert receiver.holds() == {} and receiver.kv_used_tokens == 0
+
+
+def test_bad_requests_fail_alone_with_clear_errors(model):
+    engine = Engine(model, EngineConfig(), kv_capacity_tokens=1000)
+    context = model.config.max_position_embeddings
+    with pytest.raises(EngineError, match=f"beyond the model's {context}"):
+        engine.add_prefill(0, prompt(context, 1), 1)
+    with pytest.raises(EngineError, match="empty prompt"):
+        engine.add_prefill(1, [], 4)
+    engine.add_prefill(2, prompt(8, 2), 4, ignore_eos=True)
+    with pytest.raises(EngineError, match="already on this engine"):
+        engine.add_prefill(2, prompt(8, 2), 4)
+    with pytest.raises(EngineError, match="capacity 100"):
+        Engine(model, kv_capacity_tokens=100).add_prefill(3, prompt(60, 3), 50)
+    with pytest.raises(EngineError, match="not on this engine"):
+        engine.export(99)
+    assert drain(engine)[2] == tuple(
+        greedy_generate(model, prompt(8, 2), 4, stop_ids=())
+    )
+
+
+def test_load_reports_the_work_on_the_engine(model):
+    engine = Engine(model, EngineConfig(max_step_tokens=16))
+    engine.add_prefill(0, prompt(40, 1), 5, ignore_eos=True)
+    engine.add_prefill(1, prompt(10, 2), 5, ignore_eos=True)
+    load = engine.load()
+    assert (load.num_prefill, load.prefill_tokens) == (2, 50)
+    assert load.prefill_pairs == pytest.approx(40**2 + 10**2)
+    engine.step()  # 16 tokens of request 0
+    load = engine.load()
+    assert load.prefill_tokens == 34
+    assert load.prefill_pairs == pytest.approx(40**2 - 16**2 + 10**2)
+
+
+def test_measured_profile_predicts_engine_steps(model):
+    profile = measure_profile(
+        model,
+        EngineConfig(max_step_tokens=256),
+        prompt_lengths=(16, 64, 128, 256),
+        batch_sizes=(1, 8),
+        context_tokens=(32, 128),
+        num_decode_steps=3,
+    )
+    assert profile.source == "fit"
+    assert profile.prefill_time_s(256) > profile.prefill_time_s(16) > 0
+    assert profile.decode_step_time_s(8 * 128, 8) > 0
+    assert profile.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4  # L, K/V, Hkv, Dh, fp32

@@ -1,0 +1,181 @@
+"""Trace readers, rate scaling, clipping and the synthetic shifting trace."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+import numpy as np
+import pytest
+from support import shared_data
+
+from raysys.runtime.errors import ConfigError
+from raysys.serving.trace import (
+    TracePhase,
+    generate_shifting_trace,
+    load_trace,
+    read_azure_csv,
+    read_mooncake_jsonl,
+)
+
+AZURE_ROWS = """TIMESTAMP,ContextTokens,GeneratedTokens
+2023-11-16 18:15:46.6805900,374,44
+2023-11-16 18:15:50.9951690,396,109
+2023-11-16 18:15:51.2224670,abc,55
+2023-11-16 18:15:51.3910170,91
+not a time,91,16
+2023-11-16 18:15:52.0000000,0,16
+2023-11-16 18:15:52.5000000,12.5,16
+2023-11-16 18:15:40.0000000,10,10
+2023-11-16 18:15:53.1000000,879,55
+"""
+
+
+def test_azure_reader_keeps_good_rows_and_counts_malformed(tmp_path):
+    path = tmp_path / "azure.csv"
+    path.write_text(AZURE_ROWS)
+    trace = read_azure_csv(path)
+
+    t0 = datetime(2023, 11, 16, 18, 15, 46).timestamp() + 0.68059
+    t1 = datetime(2023, 11, 16, 18, 15, 50).timestamp() + 0.995169
+    t2 = datetime(2023, 11, 16, 18, 15, 53).timestamp() + 0.1
+    assert [(r.prompt_tokens, r.output_tokens) for r in trace.requests] == [
+        (374, 44),
+        (396, 109),
+        (879, 55),
+    ]
+    assert [r.arrival_s for r in trace.requests] == pytest.approx(
+        [0.0, t1 - t0, t2 - t0], abs=1e-6
+    )
+    assert [r.request_id for r in trace.requests] == [0, 1, 2]
+    # Lines 4 (non-numeric), 5 (missing field), 6 (bad time), 7 (zero prompt),
+    # 8 (fractional), 9 (time goes backwards).
+    assert trace.num_malformed == 6
+    assert [m.line for m in trace.malformed] == [4, 5, 6, 7, 8, 9]
+    reasons = [m.reason for m in trace.malformed]
+    assert "not a number" in reasons[0]
+    assert "fields" in reasons[1]
+    assert "timestamp" in reasons[2]
+    assert "below 1" in reasons[3]
+    assert "whole number" in reasons[4]
+    assert "backwards" in reasons[5]
+
+
+def test_azure_reader_names_missing_columns(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("time,prompt,output\n1,2,3\n")
+    with pytest.raises(ConfigError, match="ContextTokens"):
+        read_azure_csv(path)
+
+
+def test_mooncake_reader_converts_ms_and_counts_malformed(tmp_path):
+    lines = [
+        {"timestamp": 0, "input_length": 100, "output_length": 5, "hash_ids": [0]},
+        {"timestamp": 1500, "input_length": 2000, "output_length": 7},
+        "this is not json",
+        {"timestamp": "soon", "input_length": 1, "output_length": 1},
+        {"timestamp": 1600, "input_length": 10},
+        [1, 2, 3],
+        {"timestamp": 2250, "input_length": 30, "output_length": 1},
+    ]
+    path = tmp_path / "trace.jsonl"
+    path.write_text(
+        "\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n"
+    )
+    trace = read_mooncake_jsonl(path)
+    assert [(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in trace] == [
+        (0.0, 100, 5),
+        (1.5, 2000, 7),
+        (2.25, 30, 1),
+    ]
+    assert trace.num_malformed == 4
+    assert [m.line for m in trace.malformed] == [3, 4, 5, 6]
+
+
+def test_load_trace_dispatches_on_extension(tmp_path):
+    with pytest.raises(ConfigError, match="extension"):
+        load_trace(tmp_path / "trace.parquet")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_trace(tmp_path / "missing.csv")
+
+
+def test_trace_of_only_malformed_rows_is_an_error(tmp_path):
+    path = tmp_path / "trace.jsonl"
+    path.write_text("{}\n[]\n")
+    with pytest.raises(ConfigError, match="no readable request"):
+        read_mooncake_jsonl(path)
+
+
+@pytest.mark.parametrize("scale", [0.5, 2.0, 3.0])
+def test_rate_scaling_divides_arrivals(tmp_path, scale):
+    path = tmp_path / "azure.csv"
+    path.write_text(AZURE_ROWS)
+    trace = read_azure_csv(path)
+    scaled = trace.scaled(scale)
+    assert [r.arrival_s for r in scaled] == pytest.approx(
+        [r.arrival_s / scale for r in trace]
+    )
+    assert scaled.mean_rate_rps == pytest.approx(trace.mean_rate_rps * scale)
+    assert [r.prompt_tokens for r in scaled] == [r.prompt_tokens for r in trace]
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf")])
+def test_rate_scaling_rejects_bad_factors(tmp_path, scale):
+    path = tmp_path / "azure.csv"
+    path.write_text(AZURE_ROWS)
+    with pytest.raises(ConfigError, match="rate scale"):
+        read_azure_csv(path).scaled(scale)
+
+
+def test_clipping_to_a_context_counts_cut_requests(tmp_path):
+    path = tmp_path / "azure.csv"
+    path.write_text(AZURE_ROWS)
+    trace, num_clipped = read_azure_csv(path).clipped(400)
+    # (374, 44) -> (374, 26); (396, 109) -> (396, 4); (879, 55) -> (399, 1)
+    assert [(r.prompt_tokens, r.output_tokens) for r in trace] == [
+        (374, 26),
+        (396, 4),
+        (399, 1),
+    ]
+    assert num_clipped == 3
+    assert all(r.prompt_tokens + r.output_tokens <= 400 for r in trace)
+
+
+def test_shifting_trace_alternates_mixes():
+    phases = (
+        TracePhase(mean_prompt_tokens=2000, mean_output_tokens=50),
+        TracePhase(mean_prompt_tokens=200, mean_output_tokens=500),
+    )
+    trace = generate_shifting_trace(
+        duration_s=400, rate_rps=20, phase_s=100, phases=phases, seed=3
+    )
+    arrivals = np.array([r.arrival_s for r in trace])
+    prompts = np.array([r.prompt_tokens for r in trace])
+    outputs = np.array([r.output_tokens for r in trace])
+    assert np.all(np.diff(arrivals) >= 0)
+    # ~20 req/s for 400 s: Poisson count within 5 standard deviations.
+    assert abs(len(trace) - 8000) < 5 * np.sqrt(8000)
+    phase = (arrivals // 100).astype(int) % 2
+    for index, p in enumerate(phases):
+        mask = phase == index
+        assert prompts[mask].mean() == pytest.approx(p.mean_prompt_tokens, rel=0.1)
+        assert outputs[mask].mean() == pytest.approx(p.mean_output_tokens, rel=0.1)
+    # Same seed, same trace.
+    again = generate_shifting_trace(
+        duration_s=400, rate_rps=20, phase_s=100, phases=phases, seed=3
+    )
+    assert again.requests == trace.requests
+
+
+def test_real_azure_trace_reads_cleanly():
+    trace = load_trace(shared_data("llm-traces/azure-2023-conv.csv"))
+    assert len(trace) == 19366
+    assert trace.num_malformed == 0
+    assert 3400 < trace.duration_s < 3600
+
+
+def test_real_mooncake_trace_reads_cleanly():
+    trace = load_trace(shared_data("llm-traces/mooncake-synthetic.jsonl"))
+    assert len(trace) == 3993
+    assert trace.num_malformed == 0
+    assert trace.requests[0].prompt_tokens == 40160

@@ -1,0 +1,168 @@
+"""`raysys provider join|leave` and the sharing section of `raysys status`, on a
+real local cluster started with `raysys up`."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[2]
+CONTROLLER = "sharing-cli-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _raysys(
+    *args: str, env: dict[str, str], timeout: float = 240
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [str(BIN / "raysys"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return proc
+
+
+def _python(
+    code: str, env: dict[str, str], timeout: float = 240
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    env = dict(os.environ, RAYSYS_STATE_DIR=str(tmp_path_factory.mktemp("state")))
+    env.pop("RAY_ADDRESS", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["RAYSYS_SHARING_CONTROLLER"] = CONTROLLER
+    up = _raysys(
+        "up",
+        "--providers", "0",
+        "--port", str(_free_port()),
+        "--dashboard-port", str(_free_port()),
+        "--object-store-mb", "128",
+        env=env,
+    )  # fmt: skip
+    assert up.returncode == 0, up.stdout + up.stderr
+    yield env
+    down = _raysys("down", env=env)
+    assert down.returncode == 0, down.stderr
+
+
+def test_join_status_leave(cluster, tmp_path):
+    env = cluster
+    for name, gpus in (("lab-a", "2"), ("lab-b", "1")):
+        joined = _raysys(
+            "provider", "join", "--name", name, "--gpus", gpus, "--object-store-mb", "128",
+            "--controller", CONTROLLER, env=env,
+        )  # fmt: skip
+        assert joined.returncode == 0, joined.stdout + joined.stderr
+        assert f"provider {name} joined" in joined.stdout
+
+    bad = _raysys("provider", "join", "--name", "../x", "--gpus", "1", env=env)
+    assert bad.returncode == 2 and "'../x' is refused" in bad.stderr
+
+    # A tenant workload on the platform (the controller outlives this script).
+    started = _python(
+        f"""
+        import time
+        from raysys.runtime import init_ray
+        from raysys.sharing import SharingClient
+        from raysys.sharing.examples import Counter
+        init_ray()
+        client = SharingClient.start(store={str(tmp_path / "ckpt")!r},
+                                     controller_name={CONTROLLER!r}, poll_interval_s=0.2,
+                                     heartbeat_interval_s=0.5, heartbeat_timeout_s=5)
+        client.wait_for_providers(2, timeout_s=60)
+        client.submit(Counter, dict(tenant="t", name="c", gpus=1, num_steps=100000,
+                      checkpoint=dict(every_steps=20)), step_delay_s=0.02)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            (w,) = client.status().workloads
+            if w.state == "running" and w.step > 5:
+                break
+            time.sleep(0.2)
+        print("HOST", w.provider, w.state)
+        """,
+        env,
+    )
+    assert started.returncode == 0, started.stdout + started.stderr
+    host = started.stdout.split("HOST ")[1].split()[0]
+    assert host == "lab-b"  # best fit: the 1-GPU provider holds a 1-GPU need
+
+    status = _raysys("status", env=env)
+    assert status.returncode == 0, status.stderr
+    text = status.stdout
+    assert (
+        f"sharing platform (controller {CONTROLLER}): 2 provider(s), 1 workload(s)"
+        in text
+    )
+    assert any(
+        line.startswith("lab-b") and "active" in line for line in text.splitlines()
+    )
+    assert any(
+        line.startswith("t/c") and "running" in line for line in text.splitlines()
+    )
+
+    left = _raysys("provider", "leave", "--name", host, "--deadline", "20", env=env)
+    assert left.returncode == 0, left.stdout + left.stderr
+    assert f"provider {host} has left" in left.stdout
+
+    moved = _python(
+        f"""
+        import time
+        from raysys.runtime import init_ray
+        from raysys.sharing import SharingClient
+        init_ray()
+        client = SharingClient.connect({CONTROLLER!r})
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            (w,) = client.status().workloads
+            if w.state == "running":
+                break
+            time.sleep(0.2)
+        (m,) = client.migrations()
+        print("MIGRATION", m.kind, m.lost_steps, m.stop_step == m.resumed_step, m.to_provider)
+        """,
+        env,
+    )
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert "MIGRATION graceful 0 True lab-a" in moved.stdout
+
+    after = _raysys("status", env=env).stdout
+    rows = {line.split()[0]: line for line in after.splitlines() if line.split()}
+    assert "gone" in rows[host]
+    assert "running" in rows["t/c"] and "lab-a" in rows["t/c"]
+    assert "migrations 1/1 succeeded" in after
+
+    stopped = _python(
+        f"""
+        from raysys.runtime import init_ray
+        from raysys.sharing import SharingClient
+        init_ray()
+        SharingClient.connect({CONTROLLER!r}).shutdown()
+        """,
+        env,
+    )
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr

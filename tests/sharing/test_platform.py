@@ -1,0 +1,260 @@
+"""The platform on a Ray cluster: providers leave with and without notice, every
+tenant finishes with the state a fault-free run reaches."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+import ray
+import torch
+
+from raysys.runtime.errors import RemoteTimeout, UnsatisfiableResources
+from raysys.sharing import SharingClient, WorkloadSpec
+from raysys.sharing.controller import WorkloadUnavailable
+from raysys.sharing.examples import Counter, FailsAtStep, TinyTrainer, run_reference
+
+pytestmark = pytest.mark.slow
+
+NUM_STEPS = 300
+INTERVAL = 10
+STEP_DELAY_S = 0.08
+# Bounds of this test's own waits (the platform's are in its config).
+PHASE_TIMEOUT_S = 240.0
+
+
+def start_platform(tmp_path, **overrides) -> SharingClient:
+    settings = dict(
+        store=str(tmp_path / "checkpoints"),
+        controller_name=f"sharing-test-{uuid.uuid4().hex[:8]}",
+        poll_interval_s=0.2,
+        heartbeat_interval_s=0.5,
+        heartbeat_timeout_s=5.0,
+        start_timeout_s=150.0,
+        poll_timeout_s=10.0,
+        stop_timeout_s=20.0,
+    )
+    settings.update(overrides)
+    return SharingClient.start(**settings)
+
+
+def wait_until(client, predicate, what: str, timeout_s: float = PHASE_TIMEOUT_S):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = client.status()
+        if predicate(status):
+            return status
+        if time.monotonic() > deadline:
+            states = {
+                w.workload_id: (w.state, w.provider, w.step) for w in status.workloads
+            }
+            raise AssertionError(f"timed out waiting for {what}: {states}")
+        time.sleep(0.2)
+
+
+def node_alive(node_id: str) -> bool:
+    return any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())
+
+
+def test_six_workloads_survive_a_drain_and_a_kill(ray_cluster, add_provider, tmp_path):
+    nodes = {
+        name: add_provider(name, num_gpus=2) for name in ("lab-a", "lab-b", "lab-c")
+    }
+    client = start_platform(tmp_path)
+    try:
+        client.wait_for_providers(3, timeout_s=60)
+        counters = {f"count-{i}": dict(start=10 * i, increment=i + 1) for i in range(4)}
+        trainers = {f"train-{i}": dict(seed=i) for i in range(2)}
+        checkpoint = {"every_steps": INTERVAL}
+        wids = []
+        for name, kwargs in counters.items():
+            spec = WorkloadSpec(
+                tenant="lab-x",
+                name=name,
+                gpus=0.25,
+                num_steps=NUM_STEPS,
+                checkpoint=checkpoint,
+            )
+            wids.append(
+                client.submit(Counter, spec, step_delay_s=STEP_DELAY_S, **kwargs)
+            )
+        for name, kwargs in trainers.items():
+            spec = WorkloadSpec(
+                tenant="lab-y",
+                name=name,
+                gpus=0.5,
+                kind="interactive",
+                num_steps=NUM_STEPS,
+                checkpoint=checkpoint,
+            )
+            wids.append(
+                client.submit(TinyTrainer, spec, step_delay_s=STEP_DELAY_S, **kwargs)
+            )
+
+        # Phase 1: all six run; best fit packs them onto one provider.
+        status = wait_until(
+            client,
+            lambda s: all(w.state == "running" and w.step >= 15 for w in s.workloads),
+            "all six running",
+        )
+        busiest = max(status.providers, key=lambda p: len(p.tenants))
+        assert len(busiest.tenants) == 6 and busiest.gpus_in_use == pytest.approx(2.0)
+
+        # Phase 2: its owner leaves with a 30 s deadline (Ray drain).
+        drained = busiest.name
+        deadline_s = 30.0
+        wish = client.leave(drained, deadline_s=deadline_s)
+        assert wish["leave"] and wish["deadline_at"] > time.time()
+        status = wait_until(
+            client,
+            lambda s: all(
+                w.state in ("running", "done")
+                and w.provider != drained
+                and w.restarts >= 1
+                for w in s.workloads
+            ),
+            "every tenant moved off the drained provider",
+        )
+        left = next(p for p in status.providers if p.name == drained)
+        assert left.tenants == [] and left.phase in ("draining", "gone")
+        # The drained node goes away by Ray's drain, within its deadline.
+        drained_node = nodes[drained].node_id
+        t0 = time.monotonic()
+        while node_alive(drained_node) and time.monotonic() - t0 < deadline_s + 10:
+            time.sleep(0.5)
+        assert not node_alive(drained_node)
+
+        # Phase 3: the provider that took them in vanishes without warning.
+        status = wait_until(
+            client,
+            lambda s: all(
+                w.state == "done"
+                or (w.state == "running" and w.step >= w.last_checkpoint_step + 3)
+                for w in s.workloads
+            ),
+            "tenants making progress after the move",
+        )
+        receivers = [p for p in status.providers if p.phase == "active" and p.tenants]
+        victim = max(receivers, key=lambda p: len(p.tenants))
+        victims = set(victim.tenants)
+        ray_cluster.remove_node(nodes[victim.name], allow_graceful=False)
+
+        final = client.wait(wids, timeout_s=PHASE_TIMEOUT_S)
+        status = client.status()
+        results = {wid: client.result(wid) for wid in wids}
+    finally:
+        client.shutdown()
+
+    assert {w.state for w in final.values()} == {"done"}
+
+    # Final states equal a fault-free run (computed here, in-process).
+    for name, kwargs in counters.items():
+        state = results[f"lab-x/{name}"].final_state
+        assert state == {
+            "value": kwargs["start"] + NUM_STEPS * kwargs["increment"],
+            "num_steps": NUM_STEPS,
+        }
+    for name, kwargs in trainers.items():
+        reference_state, reference_metrics = run_reference(
+            TinyTrainer(**kwargs), NUM_STEPS
+        )
+        result = results[f"lab-y/{name}"]
+        got = result.final_state
+        assert got["num_steps"] == NUM_STEPS
+        for key, value in reference_state["model"].items():
+            assert torch.equal(got["model"][key], value), key
+        assert torch.equal(
+            got["optimizer"]["state"][0]["exp_avg"],
+            reference_state["optimizer"]["state"][0]["exp_avg"],
+        )
+        # The loss curve is continuous across migrations: every step's loss
+        # equals the uninterrupted run's.
+        assert sorted(result.metrics) == list(range(1, NUM_STEPS + 1))
+        assert [result.metrics[k]["loss"] for k in range(1, NUM_STEPS + 1)] == [
+            m["loss"] for m in reference_metrics
+        ]
+
+    # Every migration succeeded: graceful ones lost nothing, sudden ones at
+    # most one checkpoint interval.
+    migrations = status.migrations
+    graceful = [m for m in migrations if m.kind == "graceful"]
+    sudden = [m for m in migrations if m.kind == "sudden"]
+    assert sorted(m.workload_id for m in graceful) == sorted(wids)
+    assert all(m.from_provider == drained for m in graceful)
+    assert sudden and {m.workload_id for m in sudden} <= victims
+    assert all(m.from_provider == victim.name for m in sudden)
+    for m in migrations:
+        assert m.succeeded, m
+        assert m.to_provider not in (None, m.from_provider)
+    for m in graceful:
+        assert not m.fell_back, m
+        assert m.lost_steps == 0 and m.resumed_step == m.stop_step
+    for m in sudden:
+        assert 0 <= m.lost_steps <= INTERVAL, m
+    metrics = status.metrics
+    assert (
+        metrics["migrations_attempted"]
+        == metrics["migrations_succeeded"]
+        == len(migrations)
+    )
+
+    # Nothing waited longer than its stated bound.
+    assert status.waits
+    for wait in status.waits:
+        assert wait.max_s <= wait.bound_s + 1.0, wait
+    assert 0 < metrics["gpu_utilization"] <= 1.0
+
+
+def test_failing_and_oversized_workloads_fail_alone(
+    ray_cluster, add_provider, tmp_path
+):
+    add_provider("lab-f", num_gpus=1)
+    client = start_platform(tmp_path)
+    try:
+        client.wait_for_providers(1, timeout_s=60)
+        with pytest.raises(UnsatisfiableResources, match="asks 4 GPUs"):
+            client.submit(Counter, dict(tenant="t", name="huge", gpus=4, num_steps=5))
+        bad = client.submit(
+            FailsAtStep,
+            dict(tenant="t", name="bad", gpus=0.25, num_steps=50),
+            fail_at=6,
+        )
+        good = client.submit(
+            Counter, dict(tenant="t", name="good", gpus=0.5, num_steps=40), increment=2
+        )
+        # open-ended (no num_steps): runs until cancelled
+        forever = client.submit(
+            Counter, dict(tenant="t", name="forever", gpus=0.25), step_delay_s=0.01
+        )
+        with pytest.raises(RemoteTimeout, match="have not finished"):
+            client.wait([bad, good], timeout_s=0.01)
+        final = client.wait([bad, good], timeout_s=PHASE_TIMEOUT_S)
+        good_result = client.result(good)
+        refused = client.workloads(["t/huge"])["t/huge"]
+        wait_until(
+            client,
+            lambda s: any(w.workload_id == forever and w.step > 5 for w in s.workloads),
+            "the open-ended workload running",
+        )
+        # a running workload's public methods can be called from outside
+        assert client.call(forever, "peek") > 5
+        with pytest.raises(AttributeError, match="workload contract"):
+            client.call(forever, "step")
+        with pytest.raises(WorkloadUnavailable, match="is done, not running"):
+            client.call(good, "peek")
+        assert client.cancel(forever) == "cancelled"
+        cancelled = client.result(forever)
+    finally:
+        client.shutdown()
+    assert final[bad].state == "failed"
+    assert "RuntimeError: deliberate failure at step 6" in final[bad].error
+    assert final[good].state == "done"
+    assert good_result.final_state == {"value": 80, "num_steps": 40}
+    assert refused.state == "refused" and "could never be placed" in refused.reason
+    # cancel commits the state it stopped at
+    assert cancelled.state == "cancelled" and cancelled.step > 5
+    assert cancelled.final_state == {
+        "value": cancelled.step,
+        "num_steps": cancelled.step,
+    }

@@ -1,0 +1,93 @@
+import numpy as np
+import pytest
+import torch
+from support import shared_data
+
+from raysys.solvers.datasets import (
+    generate_instances,
+    load_instances,
+    sample_instances,
+    with_references,
+)
+from raysys.solvers.errors import DataFormatError
+from raysys.solvers.families import get_family
+
+
+class NotATensor:
+    """An arbitrary class a safe loader must refuse to rebuild."""
+
+
+def test_benchmark_npz_and_pt_give_the_same_coefficients():
+    npz = load_instances(shared_data("pde/darcy_test_16.npz"))
+    pt = load_instances(shared_data("pde/darcy_test_16.pt"))
+    assert len(npz) == len(pt) == 50
+    raw = np.load(shared_data("pde/darcy_test_16.npz"))["x"]
+    for k in (0, 17, 49):
+        a = npz[k].fields["a"]
+        assert a.shape == (16, 16)
+        np.testing.assert_array_equal(a, np.where(raw[k], 12.0, 3.0))
+        np.testing.assert_array_equal(a, pt[k].fields["a"])
+        assert npz[k].family == "darcy"
+
+
+def test_user_npz_with_coefficients_and_forcing(tmp_path):
+    rng = np.random.default_rng(0)
+    a = rng.uniform(1, 2, (3, 8, 8))
+    f = rng.uniform(0, 1, (3, 8, 8))
+    np.savez(tmp_path / "mine.npz", a=a, f=f)
+    insts = load_instances(tmp_path / "mine.npz")
+    assert [i.name for i in insts] == ["mine-0", "mine-1", "mine-2"]
+    np.testing.assert_array_equal(insts[2].fields["a"], a[2])
+    _, b = get_family("darcy").assemble(insts[1])
+    np.testing.assert_array_equal(b, f[1].ravel())
+
+
+def test_single_field_and_convection_diffusion_files(tmp_path):
+    np.savez(tmp_path / "one.npz", a=np.ones((5, 5)))
+    assert len(load_instances(tmp_path / "one.npz")) == 1
+    np.savez(
+        tmp_path / "cd.npz",
+        vx=np.zeros((2, 6, 6)),
+        vy=np.ones((2, 6, 6)),
+        epsilon=np.array([0.1, 0.2]),
+    )
+    cd = load_instances(tmp_path / "cd.npz")
+    assert cd[1].family == "convection-diffusion"
+    assert cd[1].scalars["epsilon"] == pytest.approx(0.2)
+
+
+def test_unknown_arrays_missing_files_and_pickles_are_refused(tmp_path):
+    np.savez(tmp_path / "odd.npz", q=np.ones((2, 4, 4)))
+    with pytest.raises(DataFormatError, match="'q'"):
+        load_instances(tmp_path / "odd.npz")
+    with pytest.raises(DataFormatError, match="does not exist"):
+        load_instances(tmp_path / "nope.npz")
+    np.savez(tmp_path / "obj.npz", a=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(DataFormatError):
+        load_instances(tmp_path / "obj.npz")
+
+    torch.save({"x": NotATensor()}, tmp_path / "evil.pt")
+    with pytest.raises(DataFormatError, match="weights_only"):
+        load_instances(tmp_path / "evil.pt")
+
+
+def test_generation_on_ray_is_deterministic_and_independent_of_chunking(ray_cluster):
+    big = generate_instances("darcy", 12, 5, seed=3, chunk_size=5)
+    small = generate_instances("darcy", 12, 5, seed=3, chunk_size=2)
+    local = sample_instances("darcy", 12, 3, range(5), with_reference=True)
+    for x, y, z in zip(big, small, local, strict=True):
+        assert x.name == y.name == z.name
+        np.testing.assert_array_equal(x.fields["a"], y.fields["a"])
+        np.testing.assert_array_equal(x.fields["a"], z.fields["a"])
+        np.testing.assert_allclose(x.reference, z.reference)
+        A, b = get_family("darcy").assemble(x)
+        assert np.linalg.norm(A @ x.reference.ravel() - b) < 1e-9 * np.linalg.norm(b)
+    other = generate_instances("darcy", 12, 1, seed=4)
+    assert not np.array_equal(other[0].fields["a"], big[0].fields["a"])
+
+
+def test_references_of_read_instances_are_solved_on_ray(ray_cluster, tmp_path):
+    np.savez(tmp_path / "r.npz", a=np.full((2, 6, 6), 3.0))
+    insts = with_references(load_instances(tmp_path / "r.npz"))
+    A, b = get_family("darcy").assemble(insts[0])
+    np.testing.assert_allclose(A @ insts[0].reference.ravel(), b, rtol=1e-10)

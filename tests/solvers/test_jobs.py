@@ -1,0 +1,138 @@
+"""The NOWS jobs end to end on the session cluster, with tiny settings."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from raysys.runtime import run_job
+
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
+
+
+def load_job(name):
+    spec = importlib.util.spec_from_file_location(name, JOBS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_model(ray_cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model")
+    job = load_job("nows_train")
+    argv = [
+        "--generate", "48", "--resolution", "16", "--num-test", "8",
+        "--epochs", "3", "--modes", "4", "--width", "8", "--num-layers", "2",
+        "--projection-channels", "8", "--batch-size", "8", "--out", str(out),
+    ]  # fmt: skip
+    assert run_job(job.NowsTrainConfig, job.main, argv) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_train_job_writes_model_report_and_plot(tiny_model):
+    names = {p.name for p in tiny_model.iterdir()}
+    assert {"config.json", "model.safetensors", "train_report.json"} <= names
+    assert "train_loss.png" in names
+    report = json.loads((tiny_model / "train_report.json").read_text())
+    assert report["num_train"] == 48 and report["num_epochs"] == 3
+    assert len(report["epoch_losses"]) == 3
+    assert 0 < report["test_relative_l2"] < 1.5
+    meta = json.loads((tiny_model / "config.json").read_text())["metadata"]
+    assert meta["family"] == "darcy" and meta["resolution"] == 16
+
+
+@pytest.mark.slow
+def test_solve_job_reports_every_field(tiny_model, tmp_path, capsys):
+    job = load_job("nows_solve")
+    out = tmp_path / "report.json"
+    argv = [
+        "--model", str(tiny_model), "--generate", "3", "--resolution", "20",
+        "--solver", "amg-cg", "--rtol", "1e-6", "--out", str(out),
+    ]  # fmt: skip
+    assert run_job(job.NowsSolveConfig, job.main, argv) == 0
+    report = json.loads(out.read_text())
+    fields = {
+        "iterations_cold", "iterations_warm", "matvecs_cold", "matvecs_warm",
+        "time_cold_s", "time_warm_s", "residual_cold", "residual_warm",
+        "converged_cold", "converged_warm", "fallback", "error",
+    }  # fmt: skip
+    assert len(report["instances"]) == 3
+    for row in report["instances"]:
+        assert fields <= row.keys()
+        assert row["converged_cold"] and row["converged_warm"]
+        assert row["error"] is None
+    summary = report["summary"]
+    for key in (
+        "num_instances", "num_failed", "num_fallbacks",
+        "median_matvec_reduction", "time_reduction",
+    ):  # fmt: skip
+        assert key in summary
+    assert summary["num_instances"] == 3 and summary["num_failed"] == 0
+    assert out.with_suffix(".png").is_file()
+    assert "median matvec reduction" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_job_writes_records_for_both_guesses(tiny_model, tmp_path):
+    job = load_job("bench_nows")
+    out = tmp_path / "bench.json"
+    argv = [
+        "--model", str(tiny_model), "--num-instances", "2", "--resolutions", "16",
+        "--solvers", "cg", "--rtols", "1e-3", "1e-6", "--throughput-instances", "2",
+        "--throughput-resolution", "16", "--out", str(out),
+    ]  # fmt: skip
+    assert run_job(job.BenchNowsConfig, job.main, argv) == 0
+    report = json.loads(out.read_text())
+    keys = {"resolution", "solver", "rtol", "guess", "median_matvec_reduction"}
+    assert len(report["results"]) == 4
+    assert {r["guess"] for r in report["results"]} == {"operator", "coarse-grid"}
+    for r in report["results"]:
+        assert keys | {"time_reduction"} <= r.keys()
+        assert r["num_converged_warm"] == 2
+    assert [t["num_workers"] for t in report["throughput"]][0] == 1
+    assert "16/operator" in report["relative_energy_error"]
+
+
+def test_bad_solve_config_fails_before_any_work(capsys):
+    job = load_job("nows_solve")
+    code = run_job(job.NowsSolveConfig, job.main, ["--generate", "2", "--rtol", "-1"])
+    assert code == 2
+    assert "rtol" in capsys.readouterr().err
+    code = run_job(
+        job.NowsSolveConfig,
+        job.main,
+        ["--generate", "2", "--family", "convection-diffusion", "--solver", "cg"],
+    )
+    assert code == 2
+    assert "gmres or bicgstab" in capsys.readouterr().err
+    code = run_job(job.NowsSolveConfig, job.main, ["--rtol", "1e-3"])
+    assert code == 2
+    assert "--data FILE or --generate N" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_training_and_predictions_use_a_gpu_provider(add_provider, tmp_path, caplog):
+    add_provider("gpu-lab", num_gpus=1)
+    train = load_job("nows_train")
+    argv = [
+        "--generate", "16", "--resolution", "12", "--num-test", "4", "--epochs", "1",
+        "--modes", "3", "--width", "4", "--num-layers", "1",
+        "--projection-channels", "4", "--out", str(tmp_path / "m"),
+    ]  # fmt: skip
+    with caplog.at_level("INFO"):
+        assert run_job(train.NowsTrainConfig, train.main, argv) == 0
+        solve = load_job("nows_solve")
+        argv = [
+            "--model", str(tmp_path / "m"), "--generate", "2", "--resolution", "12",
+            "--out", str(tmp_path / "r.json"),
+        ]  # fmt: skip
+        assert run_job(solve.NowsSolveConfig, solve.main, argv) == 0
+    assert "training in a Ray task on a cluster GPU" in caplog.text
+    assert "predictor actor with 1 GPU(s)" in caplog.text
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert all(r["converged_warm"] for r in report["instances"])
