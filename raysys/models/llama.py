@@ -449,12 +449,14 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)  # (B, Hkv, T, Dh)
         if ctx.caches is not None:
             k, v = self._cache_and_gather(k, v, ctx)  # (B, Hkv, S, Dh)
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)  # (B, H, S, Dh)
-            v = v.repeat_interleave(groups, dim=1)  # (B, H, S, Dh)
+        # Each key/value head serves H / Hkv query heads (no repeated copy).
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal
+            q,
+            k,
+            v,
+            attn_mask=ctx.mask,
+            is_causal=ctx.is_causal,
+            enable_gqa=self.num_heads != self.num_kv_heads,
         )  # (B, H, T, Dh)
         return self.o_proj(out.transpose(1, 2).reshape(batch, num_new, -1))  # (B, T, D)
 

@@ -1,0 +1,248 @@
+"""Expert hosts: Ray actors that own a shard of the experts and serve them.
+
+Each `ExpertHost` loads its experts from the checkpoint store
+(`raysys.moe.store.ExpertCheckpointStore`) and keeps each packed as one flat
+array (w1, w2, w3 back to back) in the stored dtype. The engine fetches an
+expert by calling the host, which returns the array through Ray's object
+transfer: every fetch is a real round trip to the owning process (a ref to an
+object fetched once would be served from the caller's own memory afterwards,
+hiding both the cost and a dead host). Experts are assigned to hosts
+round-robin over (layer, expert), so one layer's experts spread over all hosts.
+
+`ExpertHostPool` is the engine's side: it starts the hosts and fetches with a
+bounded wait. A host that dies fails the call (``RayActorError``); the pool
+then starts a replacement host that reloads the same shard from the checkpoint
+store and retries the fetch, all within the fetch's deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+
+from raysys.models.mixtral import ExpertWeights, MixtralConfig
+from raysys.moe.store import ExpertCheckpointStore
+from raysys.runtime.errors import RaysysError, RemoteTimeout
+from raysys.runtime.ray_env import bounded_get
+
+logger = logging.getLogger(__name__)
+
+ExpertKey = tuple[int, int]  # (layer, expert)
+
+# Faults after which a host is replaced: the process died or its reply is lost.
+HOST_FAULTS = (
+    ray.exceptions.RayActorError,
+    ray.exceptions.ObjectLostError,
+    ray.exceptions.ActorUnavailableError,
+)
+
+
+class ExpertFetchError(RaysysError):
+    """An expert could not be fetched, even after replacing its host."""
+
+
+def shard_experts(keys: list[ExpertKey], num_hosts: int) -> list[list[ExpertKey]]:
+    """Round-robin assignment of experts to hosts (one layer spreads over all)."""
+    shards: list[list[ExpertKey]] = [[] for _ in range(num_hosts)]
+    for i, key in enumerate(sorted(keys)):
+        shards[i % num_hosts].append(key)
+    return shards
+
+
+def pack_expert(weights: ExpertWeights) -> np.ndarray:
+    """w1, w2, w3 flattened into one array (stored dtype)."""
+    return torch.cat([t.reshape(-1) for t in weights]).numpy()
+
+
+def unpack_expert(
+    flat: torch.Tensor, config: MixtralConfig, dtype: torch.dtype
+) -> ExpertWeights:
+    """The inverse of `pack_expert`, converted to ``dtype``."""
+    d, f = config.hidden_size, config.intermediate_size
+    flat = flat.to(dtype)
+    return ExpertWeights(
+        flat[: f * d].view(f, d),  # (F, D)
+        flat[f * d : 2 * f * d].view(d, f),  # (D, F)
+        flat[2 * f * d :].view(f, d),  # (F, D)
+    )
+
+
+@ray.remote(num_cpus=0)
+class ExpertHost:
+    """Owns one shard of the experts and serves them through the object store."""
+
+    def __init__(self, store_uri: str, keys: list[ExpertKey], host_idx: int) -> None:
+        self.host_idx = host_idx
+        store = ExpertCheckpointStore(store_uri)
+        self.experts = {
+            (layer, expert): pack_expert(store.read_expert(layer, expert))
+            for layer, expert in keys
+        }
+
+    def ready(self) -> int:
+        """Number of experts loaded (answers once the constructor finished)."""
+        return len(self.experts)
+
+    def fetch(self, layer_idx: int, expert_id: int) -> np.ndarray:
+        """One expert, packed (see `pack_expert`)."""
+        return self.experts[(layer_idx, expert_id)]
+
+    def info(self) -> dict:
+        """Process id, experts and bytes held."""
+        return {
+            "host_idx": self.host_idx,
+            "pid": os.getpid(),
+            "num_experts": len(self.experts),
+            "nbytes": sum(a.nbytes for a in self.experts.values()),
+        }
+
+
+@dataclass
+class FetchResult:
+    """One fetched expert with the time the Ray get took."""
+
+    weights: ExpertWeights
+    real_s: float
+
+
+class ExpertHostPool:
+    """Starts the expert hosts, fetches experts, replaces hosts that die.
+
+    Args:
+        store_uri: checkpoint store the hosts load from (path or pyarrow URI).
+        config: the target's config (expert shapes).
+        num_hosts: number of host actors the experts are sharded over.
+        timeout_s: bound on starting a host and on each fetch (retries included).
+        max_replacements: replacements per host before a fetch fails for good.
+    """
+
+    def __init__(
+        self,
+        store_uri: str,
+        config: MixtralConfig,
+        num_hosts: int,
+        *,
+        timeout_s: float = 60.0,
+        max_replacements: int = 5,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.store_uri = store_uri
+        self.config = config
+        self.timeout_s = timeout_s
+        self.max_replacements = max_replacements
+        self.dtype = dtype
+        keys = [
+            (layer, e)
+            for layer in range(config.num_hidden_layers)
+            for e in range(config.num_local_experts)
+        ]
+        self.shards = shard_experts(keys, num_hosts)
+        self.host_of = {key: h for h, shard in enumerate(self.shards) for key in shard}
+        self.hosts = [self._start(h) for h in range(num_hosts)]
+        self.num_replacements = [0] * num_hosts
+        self._lock = threading.Lock()
+        for h in range(num_hosts):
+            self._wait_ready(h)
+        logger.info(
+            "started %d expert hosts over %d experts from %s",
+            num_hosts,
+            len(keys),
+            store_uri,
+        )
+
+    def _start(self, host_idx: int):
+        return ExpertHost.options(scheduling_strategy="SPREAD").remote(
+            self.store_uri, self.shards[host_idx], host_idx
+        )
+
+    def _wait_ready(self, host_idx: int) -> None:
+        bounded_get(
+            self.hosts[host_idx].ready.remote(),
+            self.timeout_s,
+            f"expert host {host_idx} starting",
+        )
+
+    @property
+    def num_hosts(self) -> int:
+        """Number of host actors."""
+        return len(self.hosts)
+
+    def fetch(self, key: ExpertKey) -> FetchResult:
+        """Get one expert, replacing its host if it died; bounded by ``timeout_s``.
+
+        Raises:
+            ExpertFetchError: the deadline passed or the host keeps dying.
+        """
+        deadline = time.monotonic() + self.timeout_s
+        host_idx = self.host_of[key]
+        while True:
+            host = self.hosts[host_idx]
+            left = deadline - time.monotonic()
+            start = time.perf_counter()
+            try:
+                flat = bounded_get(
+                    host.fetch.remote(*key), max(left, 0.001), f"expert {key}"
+                )
+            except (RemoteTimeout, *HOST_FAULTS) as e:
+                if time.monotonic() >= deadline:
+                    raise ExpertFetchError(
+                        f"expert {key} from host {host_idx} did not arrive within "
+                        f"{self.timeout_s:g} s: {e}"
+                    ) from e
+                self.replace(host_idx, host, reason=type(e).__name__)
+                continue
+            real_s = time.perf_counter() - start
+            weights = unpack_expert(
+                torch.from_numpy(np.array(flat)), self.config, self.dtype
+            )
+            return FetchResult(weights, real_s)
+
+    def replace(self, host_idx: int, stale=None, *, reason: str = "") -> None:
+        """Start a new host for ``host_idx``'s shard from the checkpoint store.
+
+        A no-op when another caller already replaced ``stale`` (the failed handle).
+
+        Raises:
+            ExpertFetchError: the host was replaced ``max_replacements`` times.
+        """
+        with self._lock:
+            if stale is not None and self.hosts[host_idx] is not stale:
+                return
+            if self.num_replacements[host_idx] >= self.max_replacements:
+                raise ExpertFetchError(
+                    f"expert host {host_idx} was replaced {self.max_replacements} "
+                    "times and failed again; check the store and the nodes"
+                )
+            self.num_replacements[host_idx] += 1
+            logger.info(
+                "expert host %d lost (%s); starting a replacement from %s (#%d)",
+                host_idx,
+                reason or "requested",
+                self.store_uri,
+                self.num_replacements[host_idx],
+            )
+            ray.kill(self.hosts[host_idx], no_restart=True)
+            self.hosts[host_idx] = self._start(host_idx)
+            self._wait_ready(host_idx)
+
+    def kill(self, host_idx: int) -> None:
+        """Kill a host's process without warning (fault injection)."""
+        ray.kill(self.hosts[host_idx], no_restart=True)
+
+    def host_info(self) -> list[dict]:
+        """`ExpertHost.info` of every host."""
+        return bounded_get(
+            [h.info.remote() for h in self.hosts], self.timeout_s, "expert host info"
+        )
+
+    def close(self) -> None:
+        """Stop every host."""
+        for host in self.hosts:
+            ray.kill(host, no_restart=True)

@@ -1,0 +1,143 @@
+"""The engine end to end on the session's Ray cluster, with the bundled pair."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raysys.models.hf import save_model
+from raysys.models.llama import Llama, greedy_generate, tiny_llama_config
+from raysys.models.tokenizer import ByteTokenizer
+from raysys.moe.engine import MoEEngine, MoEEngineConfig
+from raysys.moe.prompts import BUILTIN_PROMPTS
+from raysys.runtime.errors import ConfigError
+
+TOKENIZER = ByteTokenizer()
+NUM_TOKENS = 48
+
+
+@pytest.fixture(scope="module")
+def engine(ray_cluster):
+    config = MoEEngineConfig(
+        mode="sd", cache_experts=8, link_bandwidth_bytes_per_s=200e6, num_hosts=2
+    )
+    with MoEEngine(config) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="module")
+def references(pair):
+    _, target = pair
+    target.set_expert_source(None)
+    return [
+        greedy_generate(target, TOKENIZER.encode(p), NUM_TOKENS, stop_ids=[257])
+        for p in BUILTIN_PROMPTS[:2]
+    ]
+
+
+def test_undersized_cache_gives_the_all_resident_logits(engine, pair):
+    _, resident = pair
+    resident.set_expert_source(None)
+    engine.resize_cache(1)
+    try:
+        ids = TOKENIZER.encode(BUILTIN_PROMPTS[0])
+        prompt, block = torch.tensor([ids[:-6]]), torch.tensor([ids[-6:]])
+        with torch.no_grad():
+            caches = [engine.target.new_cache(), resident.new_cache()]
+            for model, cache in zip((engine.target, resident), caches, strict=True):
+                model(prompt, [cache])
+            engine.fetcher.end_pass()
+            engine.fetcher.take_stats()
+            served = engine.target(block, [caches[0]])  # a 6-token verification
+            engine.fetcher.end_pass()
+            want = resident(block, [caches[1]])
+        assert torch.equal(served, want)
+        _, cache_stats = engine.fetcher.take_stats()
+        assert cache_stats.max_overflow >= 2  # a layer needed several experts
+        assert len(engine.fetcher.cache) == 1
+    finally:
+        engine.resize_cache(8)
+
+
+@pytest.mark.parametrize(
+    ("mode", "cutoff"),
+    [("ar", None), ("sd", None), ("sd-prefetch", 2), ("sd-prefetch", 4)],
+)
+def test_every_mode_reproduces_target_greedy(engine, references, mode, cutoff):
+    engine.set_mode(mode, cutoff)
+    report = engine.generate(BUILTIN_PROMPTS[:2], NUM_TOKENS)
+    assert [o.token_ids for o in report.outputs] == references
+    assert report.mode == mode and report.num_tokens == sum(map(len, references))
+    assert report.bytes_fetched == report.num_fetches * report.expert_bytes
+    assert report.tpot_ms > 0 and 0 < report.cache_hit_rate < 1
+    if mode == "ar":
+        assert report.acceptance_rate is None and report.num_prefetches == 0
+    else:
+        assert 0 < report.acceptance_rate <= 1
+    if mode == "sd-prefetch":
+        assert report.cutoff == cutoff and report.num_prefetches > 0
+        assert 0 < report.prefetch_recall <= 1 and 0 < report.prefetch_precision <= 1
+    else:
+        assert report.prefetch_recall is None
+
+
+def test_auto_cutoff_comes_from_the_measured_profile(engine):
+    engine.set_mode("sd-prefetch", "auto")
+    decision, profile = engine.decision, engine.profile
+    assert 0 <= engine.cutoff <= engine.num_layers
+    assert len(decision.round_ms) == engine.num_layers + 1
+    assert decision.round_ms[engine.cutoff] <= min(decision.round_ms) * 1.01 + 1e-9
+    assert profile.capacity == 8 and profile.fetch_ms > 0
+    assert all(0 <= r <= 1 for r in profile.recall)
+    report = engine.generate(BUILTIN_PROMPTS[2:3], 16)
+    assert report.cutoff_decision["cutoff"] == engine.cutoff
+
+
+def test_killed_expert_host_is_replaced_mid_generation(engine, references):
+    engine.set_mode("sd-prefetch", 2)
+    engine.resize_cache(2)  # keep fetching after the kill
+
+    def kill_on_fifth_pass(count, kind):
+        if kill_on_fifth_pass.start is None:
+            kill_on_fifth_pass.start = count
+        if count - kill_on_fifth_pass.start == 5:
+            engine.pool.kill(0)
+
+    kill_on_fifth_pass.start = None
+    engine.on_target_pass = kill_on_fifth_pass
+    try:
+        report = engine.generate(BUILTIN_PROMPTS[:1], NUM_TOKENS)
+    finally:
+        engine.on_target_pass = None
+        engine.resize_cache(8)
+    assert report.outputs[0].token_ids == references[0]
+    assert report.num_host_restarts >= 1
+
+
+def test_sampling_mode_runs_within_budget(ray_cluster, engine):
+    engine.config.temperature = 0.7
+    try:
+        engine.set_mode("sd-prefetch", 2)
+        report = engine.generate(BUILTIN_PROMPTS[:1], 20)
+    finally:
+        engine.config.temperature = 0.0
+    assert report.outputs[0].num_tokens <= 20
+    assert report.temperature == 0.7
+
+
+def test_bad_configs_fail_with_the_fix(engine, tmp_path):
+    with pytest.raises(ConfigError, match="cutoff 9 is outside"):
+        engine.set_mode("sd-prefetch", 9)
+    with pytest.raises(ConfigError, match="not one of"):
+        engine.set_mode("fast")
+    with pytest.raises(ValueError, match="not both"):
+        MoEEngineConfig(cache_experts=2, cache_bytes=10**6)
+    with pytest.raises(ConfigError, match="no config.json"):
+        MoEEngine(MoEEngineConfig(draft_dir=str(tmp_path)))
+    other = Llama(tiny_llama_config(hidden_size=32, num_hidden_layers=4))
+    other.init_weights(seed=0)
+    save_model(other, tmp_path / "other")
+    with pytest.raises(ConfigError, match="structurally matched"):
+        MoEEngine(MoEEngineConfig(draft_dir=str(tmp_path / "other")))
+    with pytest.raises(ConfigError, match="max_new_tokens must be >= 1"):
+        engine.generate(["x"], 0)

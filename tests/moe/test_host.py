@@ -1,0 +1,90 @@
+"""The checkpoint store and the expert hosts (on the session's Ray cluster)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from raysys.models.hf import Checkpoint, save_model
+from raysys.moe.engine import PRETRAINED
+from raysys.moe.host import ExpertHostPool, pack_expert, shard_experts, unpack_expert
+from raysys.moe.store import ExpertCheckpointStore
+from raysys.runtime.errors import ConfigError
+
+TARGET = PRETRAINED / "target"
+
+
+def test_store_reads_single_experts_like_the_checkpoint():
+    reference = Checkpoint(TARGET)
+    for uri in (str(TARGET), TARGET.resolve().as_uri()):
+        store = ExpertCheckpointStore(uri)
+        for layer, expert in [(0, 0), (2, 5), (3, 7)]:
+            got = store.read_expert(layer, expert)
+            want = reference.read_expert(layer, expert)
+            assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    c = store.config
+    assert store.expert_nbytes == 3 * c.hidden_size * c.intermediate_size * 2
+
+
+def test_store_reads_sharded_checkpoints(tmp_path, pair):
+    _, target = pair
+    save_model(target, tmp_path, max_shard_bytes=200_000)
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    store = ExpertCheckpointStore(tmp_path)
+    got = store.read_expert(1, 3)
+    assert torch.equal(got.w2, target.expert_weights(1, 3).w2)
+
+
+def test_store_refuses_what_it_cannot_serve(tmp_path, pair):
+    with pytest.raises(ConfigError, match="holds no config.json"):
+        ExpertCheckpointStore(tmp_path)
+    save_model(pair[0], tmp_path / "dense")
+    with pytest.raises(ConfigError, match="need a Mixtral"):
+        ExpertCheckpointStore(tmp_path / "dense")
+    broken = tmp_path / "broken"
+    shutil.copytree(TARGET, broken)
+    (broken / "model.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(ConfigError, match="corrupt"):
+        ExpertCheckpointStore(broken)
+    with pytest.raises(ConfigError, match="cannot open expert store"):
+        ExpertCheckpointStore("nosuchscheme://x/y")
+    config = json.loads((TARGET / "config.json").read_text())
+    assert config["model_type"] == "mixtral"
+
+
+def test_packing_round_trips():
+    store = ExpertCheckpointStore(TARGET)
+    weights = store.read_expert(1, 1)
+    flat = torch.from_numpy(pack_expert(weights))
+    back = unpack_expert(flat, store.config, torch.float16)
+    assert all(torch.equal(a, b) for a, b in zip(back, weights, strict=True))
+
+
+def test_sharding_spreads_every_layer_over_the_hosts():
+    keys = [(layer, e) for layer in range(4) for e in range(8)]
+    shards = shard_experts(keys, 3)
+    assert sorted(k for s in shards for k in s) == keys
+    for layer in range(4):
+        owners = {h for h, s in enumerate(shards) for k in s if k[0] == layer}
+        assert owners == {0, 1, 2}
+
+
+def test_pool_fetches_and_replaces_a_killed_host(ray_cluster):
+    store = ExpertCheckpointStore(TARGET)
+    pool = ExpertHostPool(str(TARGET), store.config, num_hosts=2, timeout_s=60)
+    try:
+        key = (2, 3)
+        first = pool.fetch(key)
+        want = store.read_expert(*key)
+        assert torch.equal(first.weights.w3, want.w3.float())
+        pid = pool.host_info()[pool.host_of[key]]["pid"]
+        pool.kill(pool.host_of[key])
+        again = pool.fetch(key)  # the dead host is replaced from the store
+        assert torch.equal(again.weights.w1, want.w1.float())
+        assert pool.num_replacements[pool.host_of[key]] == 1
+        assert pool.host_info()[pool.host_of[key]]["pid"] != pid
+    finally:
+        pool.close()

@@ -1,0 +1,101 @@
+"""The MoE jobs run end to end in-process on the session's Ray cluster."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from raysys.runtime import ConfigError, load_config
+
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
+
+
+def load_job(name: str):
+    spec = importlib.util.spec_from_file_location(name, JOBS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # pydantic resolves the report's annotations here
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_generate_job_writes_the_report(ray_cluster, tmp_path):
+    job = load_job("moe_generate")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"turns": ["Sort a list of names.", "again"]})
+        + "\n"
+        + json.dumps({"prompt": "import os\n"})
+        + "\n"
+    )
+    out = tmp_path / "report.json"
+    cfg = load_config(
+        job.GenerateConfig,
+        [
+            "--prompts",
+            str(prompts),
+            "--mode",
+            "sd-prefetch",
+            "--cache-experts",
+            "6",
+            "--cutoff",
+            "2",
+            "--max-new-tokens",
+            "12",
+            "--out",
+            str(out),
+        ],
+    )
+    job.main(cfg)
+    report = json.loads(out.read_text())
+    for key in (
+        "tpot_ms",
+        "tokens_per_s",
+        "acceptance_rate",
+        "prefetch_precision",
+        "prefetch_recall",
+        "cache_hit_rate",
+        "bytes_fetched",
+        "cutoff",
+    ):
+        assert key in report and report[key] is not None, key
+    assert report["cutoff"] == 2 and report["cache_experts"] == 6
+    assert [o["prompt"] for o in report["outputs"]] == [
+        '"""Sort a list of names.\n"""\n\n',
+        '"""import os\n\n"""\n\n',
+    ]
+
+
+@pytest.mark.slow
+def test_bench_job_compares_the_modes(ray_cluster, tmp_path):
+    job = load_job("bench_moe")
+    out = tmp_path / "bench.json"
+    cfg = load_config(
+        job.BenchConfig,
+        [
+            "--num-prompts",
+            "1",
+            "--max-new-tokens",
+            "10",
+            "--cutoff",
+            "1",
+            "--no-sweep",
+            "--out",
+            str(out),
+        ],
+    )
+    job.main(cfg)
+    report = json.loads(out.read_text())
+    assert set(report["tpot_ms"]) == {"ar", "sd", "sd-prefetch"}
+    assert report["speedup_vs_sd"] > 0 and report["speedup_vs_ar"] > 0
+    assert report["outputs_identical"] is True
+    assert report["cache_experts"] <= report["num_experts_total"] // 4
+    assert out.with_suffix(".png").is_file()
+    with pytest.raises(ConfigError, match="more than a quarter"):
+        job.main(
+            load_config(job.BenchConfig, ["--cache-experts", "9", "--out", str(out)])
+        )

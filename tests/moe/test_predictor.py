@@ -1,0 +1,89 @@
+"""The cross-model expert predictor: scoring, and recall on real prompts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raysys.models.mixtral import Routing
+from raysys.models.tokenizer import ByteTokenizer
+from raysys.moe.predictor import ExpertPredictor
+from raysys.moe.prompts import DEFAULT_TEMPLATE, frame, load_prompts
+from raysys.moe.speculative import DecodeHooks, SamplingParams, generate_speculative
+
+
+def routing(ids) -> Routing:
+    ids = torch.tensor(ids)
+    return Routing(torch.zeros(len(ids), 8), ids, torch.full(ids.shape, 0.5))
+
+
+def test_set_and_token_scores(pair):
+    _, target = pair
+    predictor = ExpertPredictor(target, prefetch_layers=0)
+    predictor.begin_round()
+    predictor._rows[0] = [torch.tensor([[1, 2], [3, 1]])]  # predicted {1, 2, 3}
+    predictor._rows[1] = [torch.tensor([[0, 4]])]
+    layers = target.config.num_hidden_layers
+    routings = [routing([[1, 5], [3, 2]]), routing([[4, 0]])] + [None] * (layers - 2)
+    predictor.score_round(routings)
+    score = predictor.score
+    # Layer 0: predicted {1,2,3}, routed {1,2,3,5}; layer 1: {0,4} vs {0,4}.
+    assert score.precision([0]) == 1.0 and score.recall([0]) == 3 / 4
+    assert score.recall([1]) == 1.0 and score.recall() == 5 / 6
+    assert score.top1([0]) == 1.0 and score.top1([1]) == 0.0
+    assert score.per_layer("recall")[2] is None
+
+
+def test_only_layers_below_the_cutoff_are_prefetched(pair):
+    draft, target = pair
+    asked = []
+    predictor = ExpertPredictor(
+        target, prefetch_layers=2, on_predict=lambda layer, ids: asked.append(layer)
+    )
+    predictor.begin_round()
+    tokens = torch.tensor([ByteTokenizer().encode("import os\n")])
+    with torch.no_grad():
+        draft(tokens, on_attention=predictor.observe)
+    assert sorted(set(asked)) == [0, 1]
+    for layer in range(target.config.num_hidden_layers):
+        assert predictor.predicted(layer).shape == (tokens.shape[1], 2)
+
+
+class Scorer(DecodeHooks):
+    """Predicts from every draft step and scores against each verification."""
+
+    def __init__(self, predictor: ExpertPredictor) -> None:
+        self.predictor = predictor
+
+    def round_started(self):
+        self.predictor.begin_round()
+
+    def draft_hook(self, skip_rows):
+        self.predictor.skip_rows = skip_rows
+        return self.predictor.observe
+
+    def round_verified(self, routings):
+        self.predictor.score_round(routings)
+
+
+@pytest.mark.slow
+def test_recall_on_mt_bench_prompts_is_at_least_80_percent(pair, mt_bench_path):
+    """Speculative decoding of every MT-Bench first turn, predictor scored per pass."""
+    draft, target = pair
+    target.set_expert_source(None)
+    prompts = load_prompts(mt_bench_path)
+    assert len(prompts) == 80
+    predictor = ExpertPredictor(target, prefetch_layers=0)
+    tokenizer = ByteTokenizer()
+    for prompt in prompts:
+        generate_speculative(
+            target,
+            draft,
+            tokenizer.encode(frame(prompt, DEFAULT_TEMPLATE)),
+            SamplingParams(max_new_tokens=16),
+            draft_length=4,
+            extra_draft_step=True,
+            hooks=Scorer(predictor),
+        )
+    recall = predictor.score.recall()
+    assert recall >= 0.8, predictor.score.per_layer("recall")
