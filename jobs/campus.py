@@ -85,15 +85,21 @@ class CampusConfig(Config):
     nows_rtol: float = Field(1e-5, gt=0, description="relative tolerance")
     nows_batch: int = Field(4, ge=1, description="instances per step")
     # serving
-    serving_requests: int = Field(48, ge=1, description="trace requests replayed")
-    serving_window: int = Field(16, ge=1, description="requests per step")
+    serving_requests: int = Field(96, ge=1, description="trace requests replayed")
+    serving_window: int = Field(32, ge=1, description="requests per step")
     serving_instances: int = Field(
         4, ge=2, description="serving instances (Arrow needs 2)"
     )
     serving_policy: str = Field("arrow", description="arrow, static or colocated")
-    serving_rate_scale: float = Field(1.0, gt=0, description="arrival-rate multiplier")
-    serving_ttft_slo_s: float = Field(1.0, gt=0, description="TTFT target, s")
-    serving_tpot_slo_s: float = Field(0.1, gt=0, description="TPOT target, s")
+    serving_rate_scale: float = Field(
+        4.0, gt=0, description="arrival-rate multiplier (the tiny model is fast)"
+    )
+    serving_ttft_slo_s: float = Field(0.1, gt=0, description="TTFT target, s")
+    serving_tpot_slo_s: float = Field(0.02, gt=0, description="TPOT target, s")
+    serving_arrow: dict[str, float] = Field(
+        {"cooldown_s": 2.0, "num_intervals": 2, "monitor_interval_s": 0.5},
+        description="Arrow knobs (a replay of seconds needs a quicker monitor)",
+    )
     # MoE
     moe_prompts: int = Field(4, ge=1, description="prompts generated")
     moe_max_new_tokens: int = Field(48, ge=1, description="tokens per prompt")
@@ -174,6 +180,7 @@ def tenant_specs(
                 ttft_slo_s=cfg.serving_ttft_slo_s,
                 tpot_slo_s=cfg.serving_tpot_slo_s,
                 rate_scale=cfg.serving_rate_scale,
+                arrow=cfg.serving_arrow,
             ),
             dict(gpus=0.5, kind="interactive", checkpoint=every),
         ),

@@ -151,6 +151,13 @@ class NowsBatch:
 
 # ------------------------------------------------------------------------ serving
 
+# The built-in trace of the campus fleet: prompt-heavy and output-heavy
+# stretches of a few seconds, with lengths that fit the tiny model's context.
+CAMPUS_PHASES = (
+    {"mean_prompt_tokens": 320, "mean_output_tokens": 8, "rate_factor": 1.5},
+    {"mean_prompt_tokens": 24, "mean_output_tokens": 64, "rate_factor": 0.6},
+)
+
 
 class ServingFleet:
     """An LLM trace replayed on real serving instances, one window per step.
@@ -164,6 +171,9 @@ class ServingFleet:
         instances, policy: the fleet and its policy (``arrow``, ``static``,
             ``colocated``).
         ttft_slo_s, tpot_slo_s, rate_scale: as in ``jobs/serve_trace.py``.
+        synthetic_*: the built-in trace (`CAMPUS_PHASES` alternating every
+            ``synthetic_phase_s`` seconds).
+        arrow: `raysys.serving.policy.ArrowConfig` fields.
         context_tokens: the tiny model's context (longer requests are clipped).
         check_outputs: compare every output with the same prompt served alone.
     """
@@ -179,8 +189,10 @@ class ServingFleet:
         ttft_slo_s: float = 1.0,
         tpot_slo_s: float = 0.1,
         rate_scale: float = 1.0,
-        synthetic_duration_s: float = 60.0,
-        synthetic_rate_rps: float = 2.0,
+        synthetic_duration_s: float = 120.0,
+        synthetic_rate_rps: float = 4.0,
+        synthetic_phase_s: float = 4.0,
+        arrow: dict[str, Any] | None = None,
         context_tokens: int = 512,
         instance_cpus: float = 0.25,
         seed: int = 0,
@@ -196,6 +208,8 @@ class ServingFleet:
         self.rate_scale = rate_scale
         self.synthetic_duration_s = synthetic_duration_s
         self.synthetic_rate_rps = synthetic_rate_rps
+        self.synthetic_phase_s = synthetic_phase_s
+        self.arrow = dict(arrow or {})
         self.context_tokens = context_tokens
         self.instance_cpus = instance_cpus
         self.seed = seed
@@ -218,12 +232,20 @@ class ServingFleet:
         )
 
     def setup(self, context: Any) -> None:
-        from raysys.serving.trace import generate_shifting_trace, load_trace
+        from raysys.serving.trace import (
+            TracePhase,
+            generate_shifting_trace,
+            load_trace,
+        )
 
         if self.trace_path is None:
             trace = generate_shifting_trace(
                 duration_s=self.synthetic_duration_s,
                 rate_rps=self.synthetic_rate_rps,
+                phase_s=self.synthetic_phase_s,
+                phases=tuple(TracePhase(**p) for p in CAMPUS_PHASES),
+                sigma=0.5,
+                max_tokens=self.context_tokens // 2,
                 seed=self.seed,
             )
         else:
@@ -242,7 +264,7 @@ class ServingFleet:
 
         from raysys.models.llama import greedy_generate
         from raysys.serving.metrics import summarize
-        from raysys.serving.policy import SloTargets
+        from raysys.serving.policy import ArrowConfig, SloTargets
         from raysys.serving.profile import LatencyProfile
         from raysys.serving.realrun import engine_profile, prompt_tokens, run_real
         from raysys.serving.trace import Trace, TraceRequest
@@ -272,6 +294,7 @@ class ServingFleet:
             slo,
             settings,
             rate_scale=self.rate_scale,
+            arrow=ArrowConfig(**self.arrow),
             profile=profile,
             on_front=fronts.append,
         )
