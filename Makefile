@@ -10,7 +10,7 @@ OUT ?= $(CURDIR)/out
 PROVIDERS ?= 3
 DASHBOARD ?= http://127.0.0.1:8265
 # The main job and its arguments (override: make run MAIN='jobs/other.py --flag x').
-MAIN ?= jobs/nows_solve.py --generate 16 --resolution 64 --solver cg --rtol 1e-5 --out $(OUT)/nows/report.json
+MAIN ?= jobs/campus.py --out $(OUT)/campus
 
 .PHONY: run test venv lint clean
 

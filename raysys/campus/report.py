@@ -113,9 +113,14 @@ class Timeline:
             self.samples, self.samples[1:] + [(end, {})], strict=True
         ):
             for wid, (state, prov) in s.items():
-                if wid in rows and state == "running" and prov:
+                if wid not in rows:
+                    continue
+                if state == "running" and prov:
                     ax.barh(rows[wid], t_next - t, left=t, color=colours[prov],
                             height=0.6)  # fmt: skip
+                elif state not in ("done", "failed", "cancelled", "refused"):
+                    # submitted, starting, moving or queued: not yet working
+                    ax.barh(rows[wid], t_next - t, left=t, color="0.8", height=0.25)
         base = len(wids)
         for j, name in enumerate(providers):
             y = base + j
@@ -149,7 +154,7 @@ class Timeline:
             "Campus run: tenants coloured by the provider they run on; "
             "▲ graceful / X sudden migration, ▼ serving role flip,\n"
             "-- owner drains with a deadline, -. provider lost without warning; "
-            "hatched: draining",
+            "hatched: draining; thin grey: starting or moving",
             fontsize=9,
         )
         ax.set_xlim(0, end)
