@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -330,6 +331,7 @@ class Campus:
         self.wids: dict[str, str] = {}
         self.departures: list[dict[str, Any]] = []
         self.mode = ""
+        self.store = ""
 
     def start(self) -> None:
         from raysys.sharing import SharingClient
@@ -346,7 +348,10 @@ class Campus:
         # The working directory of a submitted job is temporary; nodes started
         # from here keep theirs.
         os.chdir(tempfile.gettempdir())
-        store = cfg.store or str(cfg.out / f"checkpoints-{uuid.uuid4().hex[:6]}")
+        # A fresh store per run (a tenant name with checkpoints would continue
+        # them); the default one is removed after a successful run.
+        self.store = cfg.store or str(cfg.out / f"checkpoints-{uuid.uuid4().hex[:6]}")
+        store = self.store
         self.client = SharingClient.start(
             store=store,
             controller_name=f"raysys-campus-{uuid.uuid4().hex[:6]}",
@@ -555,6 +560,8 @@ def main(cfg: CampusConfig) -> Any:
             f"campus: {report.migrations_attempted - report.migrations_succeeded} "
             "migration(s) failed"
         )
+    if cfg.store is None:
+        shutil.rmtree(campus.store, ignore_errors=True)
     return report
 
 
