@@ -233,8 +233,27 @@ class ExpertHostPool:
             self._wait_ready(host_idx)
 
     def kill(self, host_idx: int) -> None:
-        """Kill a host's process without warning (fault injection)."""
-        ray.kill(self.hosts[host_idx], no_restart=True)
+        """Kill a host's process without warning (fault injection).
+
+        `ray.kill` returns before the process is gone, and a call made in
+        between can still be served; this returns once a call to the host
+        fails, so the next fetch meets a dead host (bounded by ``timeout_s``).
+        """
+        host = self.hosts[host_idx]
+        ray.kill(host, no_restart=True)
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            try:
+                bounded_get(host.info.remote(), 1.0, f"expert host {host_idx}")
+            except HOST_FAULTS:
+                return
+            except RemoteTimeout:
+                continue
+            time.sleep(0.05)
+        raise RaysysError(
+            f"expert host {host_idx} still answers {self.timeout_s:g} s after "
+            "it was killed"
+        )
 
     def host_info(self) -> list[dict]:
         """`ExpertHost.info` of every host."""
