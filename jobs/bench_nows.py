@@ -4,12 +4,15 @@
 
 For each resolution (default 64 and 128) the same instances are solved with CG
 and AMG-preconditioned CG at each tolerance (default 1e-3, 1e-5, 1e-6), cold
-(x0 = 0) and warm from two guesses with the same post-processing: the neural
-operator's prediction and the classical coarse-grid guess (a direct solve on a
-grid twice as coarse, interpolated). Prints the median matvec reduction and the
+(x0 = 0, the plain solver) and warm from three guesses with the same
+post-processing (for CG the two-grid refinement, counted in products with A):
+the neural operator's prediction, the classical coarse-grid guess (a direct
+solve on a grid twice as coarse, interpolated) and the zero guess, which shows
+what the refinement does by itself. Prints the median matvec reduction and the
 time reduction (guess time included) per setting, the guesses' relative
-energy-norm errors, and cold+warm solves per second with 1 vs all workers;
-``--out FILE`` writes them as JSON and a PNG next to it.
+energy-norm errors before and after the post-processing, and cold+warm solves
+per second with 1 vs all workers; ``--out FILE`` writes them as JSON and a PNG
+next to it.
 """
 
 from __future__ import annotations
@@ -19,11 +22,16 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
 from raysys.runtime import Config, init_ray, run_job
 from raysys.solvers.predictor import DEFAULT_MODEL
+from raysys.solvers.warmstart import RefinementSettings
+
+REFINE = RefinementSettings()
+GUESSES = ("operator", "coarse-grid", "zero")
 
 logger = logging.getLogger("bench_nows")
 
@@ -36,8 +44,25 @@ class BenchNowsConfig(Config):
     resolutions: list[int] = Field([64, 128], description="grid sizes n (n x n)")
     solvers: list[str] = Field(["cg", "amg-cg"], description="solvers to compare")
     rtols: list[float] = Field([1e-3, 1e-5, 1e-6], description="relative tolerances")
+    refinement: Literal["two-grid", "none"] = Field(
+        "two-grid",
+        description="post-processing of every CG guess: a two-grid cycle, or sweeps",
+    )
+    refine_coarse_factor: int = Field(
+        REFINE.coarse_factor, ge=2, description="refinement's coarse grid: n // this"
+    )
+    refine_pre_sweeps: int = Field(
+        REFINE.num_pre_sweeps, ge=0, description="sweeps before the coarse correction"
+    )
+    refine_post_sweeps: int = Field(
+        REFINE.num_post_sweeps, ge=0, description="sweeps after the coarse correction"
+    )
+    refine_cycles: int = Field(REFINE.num_cycles, ge=1, description="two-grid cycles")
     num_smoothing_sweeps: int = Field(
-        2, ge=0, description="Gauss-Seidel sweeps on every guess (each counted)"
+        2,
+        ge=0,
+        description="Gauss-Seidel sweeps on every guess where no refinement "
+        "applies (each counted)",
     )
     coarse_factor: int = Field(2, ge=2, description="coarsening of the coarse guess")
     seed: int = Field(
@@ -51,6 +76,17 @@ class BenchNowsConfig(Config):
     timeout_s: float = Field(3600, gt=0, description="bound on each run")
     out: str | None = Field(None, description="JSON report path (optional)")
 
+    def refinement_settings(self) -> RefinementSettings | None:
+        """The two-grid refinement asked for (None: plain sweeps)."""
+        if self.refinement == "none":
+            return None
+        return RefinementSettings(
+            coarse_factor=self.refine_coarse_factor,
+            num_pre_sweeps=self.refine_pre_sweeps,
+            num_post_sweeps=self.refine_post_sweeps,
+            num_cycles=self.refine_cycles,
+        )
+
 
 def _median(values):
     values = [v for v in values if v is not None]
@@ -63,7 +99,7 @@ def _records(results, resolution, settings):
     records = []
     for solver in settings.solvers:
         for rtol in settings.rtols:
-            for guess in settings.guesses:
+            for guess in settings.guesses_for(solver):
                 rows = [
                     r
                     for r in results
@@ -89,6 +125,9 @@ def _records(results, resolution, settings):
                         median_iterations_warm=s.median_iterations_warm,
                         median_matvecs_cold=_median(r.matvecs_cold for r in done),
                         median_matvecs_warm=_median(r.matvecs_warm for r in done),
+                        median_matvecs_refinement=_median(
+                            r.matvecs_refinement for r in done
+                        ),
                         time_guess_per_instance_s=_median(r.time_guess_s for r in done),
                     )
                 )
@@ -111,7 +150,9 @@ def _plot(records, path: Path) -> None:
     for ax, (res, solver) in zip(axes, groups, strict=True):
         rows = [r for r in records if r.resolution == res and r.solver == solver]
         rtols = sorted({r.rtol for r in rows}, reverse=True)
-        for k, guess in enumerate(("operator", "coarse-grid")):
+        guesses = [g for g in GUESSES if any(r.guess == g for r in rows)]
+        width = 0.8 / len(guesses)
+        for k, guess in enumerate(guesses):
             vals = [
                 next(
                     (
@@ -123,8 +164,11 @@ def _plot(records, path: Path) -> None:
                 )
                 for t in rtols
             ]
-            ax.bar([i + 0.4 * k for i in range(len(rtols))], vals, 0.4, label=guess)
-        ax.set_xticks([i + 0.2 for i in range(len(rtols))], [f"{t:g}" for t in rtols])
+            xs = [i + width * k for i in range(len(rtols))]
+            ax.bar(xs, vals, width, label=guess)
+        ax.set_xticks(
+            [i + 0.4 - width / 2 for i in range(len(rtols))], [f"{t:g}" for t in rtols]
+        )
         ax.set_xlabel("rtol")
         ax.set_ylabel("median matvec reduction (%)")
         ax.set_title(f"{solver}, {res}x{res}")
@@ -136,32 +180,42 @@ def _plot(records, path: Path) -> None:
 
 
 def _energy_errors(instances, model, cfg):
-    """Median relative energy-norm error of each guess kind (after smoothing)."""
+    """Median relative energy-norm error of each guess before and after CG's
+    post-processing (the refinement, or the sweeps without one)."""
     import numpy as np
+    import torch
 
     from raysys.solvers.families import get_family
-    from raysys.solvers.warmstart import coarse_grid_guess, smooth
+    from raysys.solvers.warmstart import (
+        TwoGridRefinement,
+        coarse_grid_guess,
+        smooth,
+    )
 
     fam = get_family("darcy")
     feats = np.stack([fam.features(i) for i in instances])
-    import torch
-
     with torch.no_grad():
         preds = model(torch.from_numpy(feats)).double().numpy()[:, 0]
+    refine = cfg.refinement_settings()
+    after = "refined" if refine is not None else f"{cfg.num_smoothing_sweeps}gs"
     errors: dict[str, list[float]] = {}
     for inst, pred in zip(instances, preds, strict=True):
         A, b = fam.assemble(inst)
         u = inst.reference.ravel()
         norm_u = float(np.sqrt(u @ (A @ u)))
-        coarse = coarse_grid_guess(fam, inst, cfg.coarse_factor)
-        for kind, guess in (("operator", pred.ravel()), ("coarse-grid", coarse)):
-            for label, x in (
-                (kind, guess),
-                (
-                    f"{kind}+{cfg.num_smoothing_sweeps}gs",
-                    smooth(A, guess, b, cfg.num_smoothing_sweeps),
-                ),
-            ):
+        guesses = {
+            "operator": pred.ravel(),
+            "coarse-grid": coarse_grid_guess(fam, inst, cfg.coarse_factor),
+        }
+        if refine is not None:
+            guesses["zero"] = np.zeros_like(b)
+            refinement = TwoGridRefinement.for_instance(fam, inst, refine, A)
+        for kind, guess in guesses.items():
+            if refine is not None:
+                post = refinement.refine(guess, b)[0]
+            else:
+                post = smooth(A, guess, b, cfg.num_smoothing_sweeps)
+            for label, x in ((kind, guess), (f"{kind}+{after}", post)):
                 e = x - u
                 errors.setdefault(label, []).append(
                     float(np.sqrt(e @ (A @ e))) / norm_u
@@ -186,8 +240,9 @@ def main(cfg: BenchNowsConfig) -> None:
         solvers=tuple(cfg.solvers),
         rtols=tuple(cfg.rtols),
         num_smoothing_sweeps=cfg.num_smoothing_sweeps,
-        guesses=("operator", "coarse-grid"),
+        guesses=GUESSES,
         coarse_factor=cfg.coarse_factor,
+        refinement=cfg.refinement_settings(),
     )
     records = []
     energy: dict[str, float] = {}
@@ -216,6 +271,7 @@ def main(cfg: BenchNowsConfig) -> None:
             solvers=("cg",),
             rtols=(1e-6,),
             num_smoothing_sweeps=cfg.num_smoothing_sweeps,
+            refinement=cfg.refinement_settings(),
         )
         num_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         for workers in (1, num_cpus):
@@ -259,18 +315,25 @@ def print_table(report) -> None:
     def pct(v):
         return "   n/a" if v is None else f"{100 * v:5.1f}%"
 
+    def num(v):
+        return "n/a" if v is None else f"{v:g}"
+
     print(
         f"{'n':>4} {'solver':<7} {'rtol':>6}  {'guess':<11} {'matvec red.':>11} "
         f"{'time red.':>9} {'(no guess)':>10}  {'iters cold->warm':>16}  "
-        "fallbacks  converged"
+        f"{'matvecs cold->warm (post)':>25}  fallbacks  converged"
     )
     for r in report.results:
-        iters = f"{r.median_iterations_cold:g}->{r.median_iterations_warm:g}"
+        iters = f"{num(r.median_iterations_cold)}->{num(r.median_iterations_warm)}"
+        mvs = (
+            f"{num(r.median_matvecs_cold)}->{num(r.median_matvecs_warm)} "
+            f"({num(r.median_matvecs_refinement)})"
+        )
         print(
             f"{r.resolution:>4} {r.solver:<7} {r.rtol:>6.0e}  {r.guess:<11} "
             f"{pct(r.median_matvec_reduction):>11} {pct(r.time_reduction):>9} "
             f"{pct(r.time_reduction_without_guess):>10}  "
-            f"{iters:>16}  {r.num_fallbacks:>9}  "
+            f"{iters:>16}  {mvs:>25}  {r.num_fallbacks:>9}  "
             f"{r.num_converged_warm}/{r.num_instances - r.num_failed}"
         )
     print("median relative energy-norm error of the guesses:")

@@ -22,6 +22,9 @@ from pydantic import Field, model_validator
 
 from raysys.runtime import Config, init_ray, run_job
 from raysys.solvers.predictor import DEFAULT_MODEL
+from raysys.solvers.warmstart import RefinementSettings
+
+REFINE = RefinementSettings()
 
 logger = logging.getLogger("nows_solve")
 
@@ -54,11 +57,31 @@ class NowsSolveConfig(Config):
     maxiter: int | None = Field(
         None, ge=1, description="iteration cap (default 10 x unknowns)"
     )
-    guess: Literal["operator", "coarse-grid"] = Field(
-        "operator", description="initial guess of the warm solve"
+    guess: Literal["operator", "coarse-grid", "zero"] = Field(
+        "operator",
+        description="initial guess of the warm solve (zero: x0 = 0 through the "
+        "refinement, to see what the refinement does alone)",
     )
+    refinement: Literal["two-grid", "none"] = Field(
+        "two-grid",
+        description="post-processing of the guess for cg: a two-grid cycle "
+        "(counted in products with A), or plain sweeps",
+    )
+    refine_coarse_factor: int = Field(
+        REFINE.coarse_factor, ge=2, description="refinement's coarse grid: n // this"
+    )
+    refine_pre_sweeps: int = Field(
+        REFINE.num_pre_sweeps, ge=0, description="sweeps before the coarse correction"
+    )
+    refine_post_sweeps: int = Field(
+        REFINE.num_post_sweeps, ge=0, description="sweeps after the coarse correction"
+    )
+    refine_cycles: int = Field(REFINE.num_cycles, ge=1, description="two-grid cycles")
     num_smoothing_sweeps: int = Field(
-        2, ge=0, description="Gauss-Seidel sweeps on the guess (each counted)"
+        2,
+        ge=0,
+        description="Gauss-Seidel sweeps on the guess where no refinement applies "
+        "(gmres, bicgstab, --refinement none; each counted)",
     )
     coarse_factor: int = Field(2, ge=2, description="coarsening of the coarse guess")
     batch_size: int = Field(16, ge=1, description="instances per prediction batch")
@@ -79,7 +102,25 @@ class NowsSolveConfig(Config):
             )
         if self.rtol == 0 and self.atol == 0:
             raise ValueError("rtol and atol are both 0: give a positive tolerance")
+        if self.guess == "zero" and (
+            self.refinement == "none" or self.solver not in ("cg",)
+        ):
+            raise ValueError(
+                "--guess zero is x0 = 0 through the refinement, which applies to "
+                "--solver cg with --refinement two-grid only"
+            )
         return self
+
+    def refinement_settings(self) -> RefinementSettings | None:
+        """The two-grid refinement asked for (None: plain sweeps)."""
+        if self.refinement == "none":
+            return None
+        return RefinementSettings(
+            coarse_factor=self.refine_coarse_factor,
+            num_pre_sweeps=self.refine_pre_sweeps,
+            num_post_sweeps=self.refine_post_sweeps,
+            num_cycles=self.refine_cycles,
+        )
 
 
 def plot_iterations(results, path: Path, title: str) -> None:
@@ -143,6 +184,7 @@ def main(cfg: NowsSolveConfig) -> None:
         num_smoothing_sweeps=cfg.num_smoothing_sweeps,
         guesses=(cfg.guess,),
         coarse_factor=cfg.coarse_factor,
+        refinement=cfg.refinement_settings(),
     )
     outcome = run_solves(
         instances,
@@ -159,7 +201,8 @@ def main(cfg: NowsSolveConfig) -> None:
         solver=cfg.solver,
         rtol=cfg.rtol,
         atol=cfg.atol,
-        num_smoothing_sweeps=cfg.num_smoothing_sweeps,
+        num_smoothing_sweeps=settings.sweeps_for(cfg.solver),
+        refinement=_describe(settings.refinement_for(cfg.solver)),
         instances=outcome.results,
         summary=summary,
         inference_time_s=outcome.inference_time_s,
@@ -172,9 +215,26 @@ def main(cfg: NowsSolveConfig) -> None:
         outcome.results,
         plot_path,
         f"{cfg.solver}, rtol {cfg.rtol:g}, {cfg.guess} guess + "
-        f"{cfg.num_smoothing_sweeps} GS sweeps",
+        f"{post_processing(settings, cfg.solver)}",
     )
     print_summary(report, out, plot_path)
+
+
+def _describe(refinement: RefinementSettings | None) -> dict[str, int] | None:
+    return None if refinement is None else dict(vars(refinement))
+
+
+def post_processing(settings, solver: str) -> str:
+    """The guess's post-processing for ``solver`` in a few words."""
+    refine = settings.refinement_for(solver)
+    if refine is not None:
+        return (
+            f"two-grid refinement ({refine.num_pre_sweeps} + "
+            f"{refine.num_post_sweeps} GS sweeps, coarse n/{refine.coarse_factor}"
+            + (f", {refine.num_cycles} cycles" if refine.num_cycles > 1 else "")
+            + ")"
+        )
+    return f"{settings.sweeps_for(solver)} GS sweeps"
 
 
 def print_summary(report, out: Path, plot_path: Path) -> None:
@@ -186,7 +246,7 @@ def print_summary(report, out: Path, plot_path: Path) -> None:
 
     print(
         f"NOWS {report.family} solve: {report.solver}, rtol {report.rtol:g}, "
-        f"guess {report.config['guess']}"
+        f"guess {report.config['guess']}, refinement {report.refinement or 'none'}"
     )
     print(
         f"  instances {s.num_instances}  failed {s.num_failed}  "

@@ -14,10 +14,13 @@ from raysys.runtime import Report
 class InstanceResult(BaseModel):
     """One instance solved cold (x0 = 0) and warm (x0 = a guess), same stopping rule.
 
-    ``matvecs_warm`` includes the smoothing sweeps and the product the
-    warm-start policy needs; ``time_warm_s`` includes smoothing, policy and
-    solve; producing the guess (inference share, coarse solve) is
-    ``time_guess_s``. Failed instances carry ``error`` and no numbers.
+    ``matvecs_warm`` includes the post-processing of the guess (the two-grid
+    refinement or the smoothing sweeps, in units of one product with A; that
+    share alone is ``matvecs_refinement``) and the product the warm-start
+    policy needs; ``time_warm_s`` includes post-processing (with the
+    refinement's setup), policy and solve; producing the guess (inference
+    share, coarse solve) is ``time_guess_s``. Failed instances carry
+    ``error`` and no numbers.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -31,6 +34,7 @@ class InstanceResult(BaseModel):
     iterations_warm: int | None = None
     matvecs_cold: int | None = None
     matvecs_warm: int | None = None
+    matvecs_refinement: int | None = None
     time_cold_s: float | None = None
     time_warm_s: float | None = None
     time_guess_s: float | None = None
@@ -119,6 +123,7 @@ class SolveReport(Report):
     rtol: float
     atol: float
     num_smoothing_sweeps: int
+    refinement: dict[str, int] | None = None
     instances: list[InstanceResult]
     summary: SolveSummary
     inference_time_s: float
@@ -166,6 +171,7 @@ class BenchRecord(BaseModel):
     median_iterations_warm: float | None
     median_matvecs_cold: float | None
     median_matvecs_warm: float | None
+    median_matvecs_refinement: float | None = None
     time_guess_per_instance_s: float | None
 
 

@@ -78,7 +78,7 @@ def test_solve_job_reports_every_field(tiny_model, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_bench_job_writes_records_for_both_guesses(tiny_model, tmp_path):
+def test_bench_job_writes_records_for_every_guess(tiny_model, tmp_path):
     job = load_job("bench_nows")
     out = tmp_path / "bench.json"
     argv = [
@@ -89,13 +89,18 @@ def test_bench_job_writes_records_for_both_guesses(tiny_model, tmp_path):
     assert run_job(job.BenchNowsConfig, job.main, argv) == 0
     report = json.loads(out.read_text())
     keys = {"resolution", "solver", "rtol", "guess", "median_matvec_reduction"}
-    assert len(report["results"]) == 4
-    assert {r["guess"] for r in report["results"]} == {"operator", "coarse-grid"}
+    assert len(report["results"]) == 6  # 2 rtols x 3 guesses
+    guesses = {r["guess"] for r in report["results"]}
+    assert guesses == {"operator", "coarse-grid", "zero"}
     for r in report["results"]:
         assert keys | {"time_reduction"} <= r.keys()
         assert r["num_converged_warm"] == 2
+        assert r["median_matvecs_refinement"] > 0
     assert [t["num_workers"] for t in report["throughput"]][0] == 1
-    assert "16/operator" in report["relative_energy_error"]
+    energy = report["relative_energy_error"]
+    assert {"16/operator", "16/operator+refined", "16/zero+refined"} <= energy.keys()
+    assert energy["16/zero"] == pytest.approx(1.0)
+    assert energy["16/zero+refined"] < 1.0
 
 
 def test_bad_solve_config_fails_before_any_work(capsys):

@@ -1,13 +1,17 @@
+import math
+
 import numpy as np
 import pytest
+import scipy.sparse.linalg as spla
 import torch
 
 from raysys.models.fno import FNO, FNOConfig
 from raysys.solvers.datasets import sample_instances
 from raysys.solvers.errors import InvalidInstance
-from raysys.solvers.families import Instance
+from raysys.solvers.families import DarcyFamily, Instance
 from raysys.solvers.reports import summarise
 from raysys.solvers.runner import check_model_fits, run_solves
+from raysys.solvers.warmstart import RefinementSettings, prolongation
 from raysys.solvers.worker import SolveSettings, solve_instance
 
 
@@ -98,27 +102,49 @@ def test_run_bound_reports_unfinished_instances(ray_cluster):
     assert all("bound" in r.error for r in outcome.results)
 
 
-def test_coarse_grid_and_operator_guesses_share_the_cold_solve():
+@pytest.mark.parametrize("refined", [False, True])
+def test_coarse_grid_and_operator_guesses_share_the_cold_solve(refined):
     inst = sample_instances("darcy", 16, 8, [0], with_reference=True)[0]
+    refinement = RefinementSettings(coarse_factor=4, num_pre_sweeps=2)
     settings = SolveSettings(
         solvers=("cg", "amg-cg"),
         rtols=(1e-3, 1e-6),
-        guesses=("operator", "coarse-grid"),
+        guesses=("operator", "coarse-grid", "zero"),
         num_smoothing_sweeps=2,
+        refinement=refinement if refined else None,
     )
     results = solve_instance(inst, inst.reference * 0.98, 0.01, settings)
-    assert len(results) == 2 * 2 * 2
+    # the zero guess runs only where the refinement applies (CG)
+    assert len(results) == 2 * (2 + refined) + 2 * 2
     for solver in ("cg", "amg-cg"):
         for rtol in (1e-3, 1e-6):
-            pair = [r for r in results if r.solver == solver and r.rtol == rtol]
-            assert pair[0].matvecs_cold == pair[1].matvecs_cold
-            assert all(r.converged_cold and r.converged_warm for r in pair)
+            group = [r for r in results if r.solver == solver and r.rtol == rtol]
+            assert len({r.matvecs_cold for r in group}) == 1
+            assert all(r.converged_cold and r.converged_warm for r in group)
     near = [r for r in results if r.guess == "operator" and r.solver == "cg"]
     assert all(r.matvecs_warm < r.matvecs_cold for r in near)
+    if refined:
+        # 2 sweeps, the residual (none from zero), A d, then transfers and the
+        # coarse LU in nnz(A) units, rounded up; no post-sweeps, so the policy
+        # reuses the refinement's residual
+        A, _ = DarcyFamily().assemble(inst)
+        P = prolongation(16, 4)
+        coarse_A, _ = DarcyFamily().assemble(DarcyFamily().resample(inst, 4))
+        lu = spla.splu(coarse_A.tocsc(), permc_spec="MMD_AT_PLUS_A")
+        L, U = lu.L.tocsc(), lu.U.tocsr()
+        flops = sum((L[:, j].nnz) * (U[j, :].nnz) for j in range(coarse_A.shape[0]))
+        extra = math.ceil((2 * P.nnz + L.nnz + U.nnz + flops) / A.nnz)
+        for r in results:
+            if r.solver == "cg":
+                assert r.matvecs_refinement == 2 + 2 + extra
+                assert r.matvecs_warm == r.iterations_warm + r.matvecs_refinement
     for r in results:
-        # the policy's product, plus two sweeps for CG; AMG-CG's V-cycles smooth
-        sweeps = 0 if r.solver == "amg-cg" else 2
-        assert r.matvecs_warm == r.iterations_warm + 1 + sweeps
+        if r.solver == "amg-cg" or not refined:
+            # the policy's product, plus two sweeps for CG; AMG-CG's V-cycles
+            # smooth
+            sweeps = 0 if r.solver == "amg-cg" else 2
+            assert r.matvecs_refinement == sweeps
+            assert r.matvecs_warm == r.iterations_warm + 1 + sweeps
 
 
 def test_cg_on_a_non_symmetric_family_is_refused():
