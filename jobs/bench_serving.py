@@ -42,6 +42,7 @@ from raysys.serving.profile import LatencyProfile, RooflineAssumptions, resolve_
 from raysys.serving.simulator import (
     GoodputResult,
     adaptive_headroom,
+    check_slos_reachable,
     find_goodput,
     simulate,
 )
@@ -325,6 +326,7 @@ def run(cfg: BenchConfig) -> BenchReport:
     profile = resolve_profile(cfg.profile, cfg.roofline)
     logger.info("trace %s: %s", trace.name, trace.summary())
     logger.info("profile %s: %s", profile.name, profile.notes)
+    check_slos_reachable(trace, profile, cfg.ttft_slo_s, cfg.target_attainment)
     results = simulate_policies(cfg, trace, profile)
     statics = {k: v for k, v in results.items() if k not in ("arrow", "colocated")}
     best_label = max(statics, key=lambda k: statics[k].goodput_scale)

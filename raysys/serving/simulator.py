@@ -571,3 +571,30 @@ def adaptive_headroom(
         prefill_share_min=float(share.min()),
         prefill_share_max=float(share.max()),
     )
+
+
+def check_slos_reachable(
+    trace: Trace, profile: LatencyProfile, ttft_slo_s: float, target_attainment: float
+) -> None:
+    """Refuse SLOs that no policy can meet at any rate.
+
+    A request whose prefill alone, on an idle instance, takes longer than the
+    TTFT target misses it under every policy; when more than ``1 -
+    target_attainment`` of the trace are such requests, every goodput is zero and
+    a search would only say so after minutes of simulation.
+
+    Raises:
+        ConfigError: naming the TTFT target, the share of requests out of reach
+            and the shortest target that leaves enough of them.
+    """
+    prefill = np.array([profile.prefill_time_s(r.prompt_tokens) for r in trace])
+    out_of_reach = float(np.mean(prefill > ttft_slo_s))
+    if out_of_reach > 1.0 - target_attainment + 1e-9:
+        needed = float(np.quantile(prefill, target_attainment, method="higher"))
+        raise ConfigError(
+            f"TTFT target {ttft_slo_s:g} s: {out_of_reach:.1%} of the requests of "
+            f"{trace.name} need longer than that for their prefill alone on "
+            f"{profile.name}, so no policy reaches {target_attainment:.0%} "
+            f"attainment at any rate; use a TTFT target above {needed:.2f} s "
+            "(--ttft-slo-s)"
+        )

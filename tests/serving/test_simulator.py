@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from raysys.runtime.errors import ConfigError
 from raysys.serving.batching import EngineConfig
 from raysys.serving.policy import (
     ArrowPolicy,
@@ -12,7 +13,12 @@ from raysys.serving.policy import (
     StaticSplitPolicy,
 )
 from raysys.serving.profile import LatencyProfile
-from raysys.serving.simulator import adaptive_headroom, find_goodput, simulate
+from raysys.serving.simulator import (
+    adaptive_headroom,
+    check_slos_reachable,
+    find_goodput,
+    simulate,
+)
 from raysys.serving.trace import Trace, TraceRequest, generate_shifting_trace
 
 PROFILE = LatencyProfile(
@@ -234,3 +240,12 @@ def test_headroom_of_alternating_phases_matches_the_fluid_bound():
         assert headroom.best_num_prefill == num_instances // 2
         assert headroom.prefill_share_min == pytest.approx(0.001 / 1.001)
         assert headroom.prefill_share_max == pytest.approx(1.0)
+
+
+def test_slos_out_of_reach_of_lone_prefills_are_refused():
+    # 2 of 10 prompts take 1.12 s to prefill alone (0.1 + 1.0 + 0.02), the rest 0.121 s.
+    trace = trace_of(*[(i, 100, 4) for i in range(8)], (8, 1000, 4), (9, 1000, 4))
+    with pytest.raises(ConfigError, match=r"TTFT target 0.5 s: 20.0% .* above 1.12 s"):
+        check_slos_reachable(trace, PROFILE, 0.5, 0.9)
+    check_slos_reachable(trace, PROFILE, 0.5, 0.8)  # 20% may miss: allowed
+    check_slos_reachable(trace, PROFILE, 1.2, 0.9)  # every prefill fits
