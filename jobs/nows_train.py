@@ -63,7 +63,10 @@ class NowsTrainConfig(Config):
     padding_fraction: float = Field(
         0.125, ge=0, le=1, description="zero padding per axis, fraction of n"
     )
-    loss: Literal["l2", "h1", "energy", "energy+l2", "smoothed-energy"] | None = Field(
+    loss: (
+        Literal["l2", "h1", "energy", "energy+l2", "smoothed-energy", "refined-energy"]
+        | None
+    ) = Field(
         None,
         description="training loss (default energy+l2 for darcy, l2 otherwise); "
         "the energy losses are Darcy-only",

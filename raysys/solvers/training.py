@@ -14,10 +14,19 @@ Losses (per sample, averaged over the batch):
   prediction with Gauss-Seidel sweeps before the solver sees it, which removes
   the high-frequency error cheaply; this loss spends the network's capacity on
   the smooth error that remains and that CG is slow to remove.
+- ``refined-energy``: the relative energy-norm error left after a model of
+  the warm start's two-grid refinement (`two_grid_refined`: damped Jacobi
+  sweeps standing in for its Gauss-Seidel sweeps, then its coarse-grid
+  correction with the energy step, on the same rediscretised coarse grid),
+  plus the relative L2 error. The refinement removes rough and smooth error
+  cheaply; this loss spends the network on the error it leaves, which is what
+  CG then has to remove. The L2 term keeps every value of the prediction
+  meaningful.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -32,12 +41,16 @@ import torch.nn.functional as F
 from raysys.models.fno import FNO, FNOConfig
 from raysys.runtime import bounded_get
 from raysys.solvers.families import Instance, get_family
+from raysys.solvers.fields import _linear_weights, node_positions
 
 logger = logging.getLogger(__name__)
 
-LOSSES = ("l2", "h1", "energy", "energy+l2", "smoothed-energy")
+LOSSES = ("l2", "h1", "energy", "energy+l2", "smoothed-energy", "refined-energy")
 NUM_LOSS_SWEEPS = 2
 JACOBI_DAMPING = 0.8
+# the refinement modelled by the refined-energy loss (that of RefinementSettings)
+REFINED_LOSS_SWEEPS = 3
+REFINED_LOSS_COARSE_FACTOR = 4
 
 
 @dataclass
@@ -133,6 +146,49 @@ def jacobi_smoothed(
     return e
 
 
+@functools.lru_cache(maxsize=8)
+def _grid_weights(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D weights: prolongation (n, m) with zero boundary, and the coefficient
+    resampling (m, n) of `raysys.solvers.fields.resample`."""
+    padded = np.concatenate([[0.0], node_positions(m), [1.0]])
+    prolong = _linear_weights(padded, node_positions(n))[:, 1:-1]
+    coeff = _linear_weights(node_positions(n), node_positions(m))
+    return torch.from_numpy(prolong), torch.from_numpy(coeff)  # float64
+
+
+def two_grid_refined(
+    e: torch.Tensor, a: torch.Tensor, num_sweeps: int, coarse_factor: int
+) -> torch.Tensor:
+    """The error after a model of the warm start's two-grid refinement, (B, n, n).
+
+    ``num_sweeps`` damped Jacobi sweeps (for the refinement's Gauss-Seidel
+    sweeps), then the correction ``d = -P Ac^-1 P' A e`` with bilinear P and the
+    Darcy matrix ``Ac`` of the coefficients resampled to the m x m grid
+    (`raysys.solvers.warmstart.TwoGridRefinement`; the grid scalings cancel in
+    the error form), then ``e + t d`` with the energy step
+    ``t = -d'Ae / d'Ad``. Differentiable in ``e``; ``a`` is data.
+    """
+    n = e.shape[-1]
+    m = max(2, n // coarse_factor)
+    e = jacobi_smoothed(e, a, num_sweeps, JACOBI_DAMPING)
+    prolong, coeff = (w.to(e.device, e.dtype) for w in _grid_weights(n, m))
+    with torch.no_grad():
+        a_c = coeff @ a @ coeff.T  # (B, m, m)
+        basis = torch.eye(m * m, device=e.device, dtype=e.dtype).reshape(-1, m, m)
+        batch = a_c.shape[0]
+        columns = darcy_apply(
+            basis.repeat(batch, 1, 1), a_c.repeat_interleave(m * m, dim=0)
+        )
+        coarse = columns.reshape(batch, m * m, m * m).transpose(1, 2)
+        chol = torch.linalg.cholesky(coarse)
+    Ae = darcy_apply(e, a)
+    rhs = (prolong.T @ Ae @ prolong).reshape(-1, m * m, 1)
+    d = -(prolong @ torch.cholesky_solve(rhs, chol).reshape(-1, m, m) @ prolong.T)
+    Ad = darcy_apply(d, a)
+    t = -(d * Ae).sum((1, 2)) / (d * Ad).sum((1, 2)).clamp_min(1e-30)
+    return e + t[:, None, None] * d
+
+
 def darcy_energy(e: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``h^2 e'Ae`` per sample for the harmonic-average Darcy matrix A.
 
@@ -155,13 +211,21 @@ def _rel(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 
 def relative_errors(
-    pred: torch.Tensor, target: torch.Tensor, features: torch.Tensor, family: str
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    features: torch.Tensor,
+    family: str,
+    *,
+    refined: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Per-sample relative errors: ``l2``, ``h1`` and, for Darcy, ``energy``.
+    """Per-sample relative errors: ``l2``, ``h1`` and, for Darcy, ``energy``,
+    ``smoothed-energy`` and (with ``refined``) ``refined-energy``.
 
     Args:
         pred, target: (B, 1, n, n).
         features: (B, C, n, n) un-normalised inputs (channel 0 is ``a`` for Darcy).
+        refined: also the error after the modelled refinement (a coarse
+            factorisation per sample, so only when asked for).
     """
     e = (pred - target)[:, 0]  # (B, n, n)
     u = target[:, 0]
@@ -179,6 +243,11 @@ def relative_errors(
         out["energy"] = _rel(darcy_energy(e, a), darcy_energy(u, a))
         smoothed = jacobi_smoothed(e, a, NUM_LOSS_SWEEPS, JACOBI_DAMPING)
         out["smoothed-energy"] = _rel(darcy_energy(smoothed, a), darcy_energy(u, a))
+        if refined:
+            left = two_grid_refined(
+                e, a, REFINED_LOSS_SWEEPS, REFINED_LOSS_COARSE_FACTOR
+            )
+            out["refined-energy"] = _rel(darcy_energy(left, a), darcy_energy(u, a))
     return out
 
 
@@ -196,9 +265,13 @@ def loss_function(name: str, family: str) -> Callable[..., torch.Tensor]:
         )
 
     def loss(pred, target, features):
-        errs = relative_errors(pred, target, features, family)
+        errs = relative_errors(
+            pred, target, features, family, refined=name == "refined-energy"
+        )
         if name == "energy+l2":
             return (errs["energy"] + errs["l2"]).mean()
+        if name == "refined-energy":
+            return (errs["refined-energy"] + errs["l2"]).mean()
         return errs[name].mean()
 
     return loss
