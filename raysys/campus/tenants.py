@@ -357,6 +357,12 @@ class ServingFleet:
 # ---------------------------------------------------------------------------- MoE
 
 
+# Engine rebuilds per start or prompt when expert hosts die (see
+# `MoEGeneration._with_fresh_hosts`), and the pause before each.
+HOST_FAULT_RETRIES = 3
+HOST_FAULT_WAIT_S = 2.0
+
+
 class MoEGeneration:
     """SP-MoE generation for a list of prompts, one prompt per step.
 
@@ -384,15 +390,64 @@ class MoEGeneration:
         self.engine = None
 
     def setup(self, context: Any) -> None:
+        self._with_fresh_hosts("starting the engine", lambda: None)
+
+    def _build_engine(self) -> None:
         from raysys.moe.engine import MoEEngine, MoEEngineConfig
 
         self.engine = MoEEngine(MoEEngineConfig.model_validate(self.engine_config))
+
+    def _with_fresh_hosts(self, what: str, body: Any) -> Any:
+        """Run ``body`` on an engine, rebuilding it when its expert hosts die.
+
+        Right after a provider is switched off Ray can still place a new
+        expert host there (the node is not yet declared dead); that host dies
+        before it starts, and the engine fails to start or to replace a host.
+        That is the pool's fault, not the tenant's: the engine is built again
+        (by then Ray knows the node is gone) and the work redone, up to
+        `HOST_FAULT_RETRIES` times. A prompt starts with a cold cache and its
+        own seed, so a redone prompt gives the same output.
+        """
+        from raysys.moe.host import HOST_FAULTS, ExpertFetchError
+
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                if self.engine is None:
+                    self._build_engine()
+                return body()
+            except (ExpertFetchError, *HOST_FAULTS) as e:
+                if attempt > HOST_FAULT_RETRIES:
+                    raise
+                logger.warning(
+                    "%s: expert hosts failed (%s: %s); rebuilding the engine "
+                    "(rebuild %d of %d)",
+                    what,
+                    type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "",
+                    attempt,
+                    HOST_FAULT_RETRIES,
+                )
+                self._close_engine()
+                time.sleep(HOST_FAULT_WAIT_S)
+
+    def _close_engine(self) -> None:
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            try:
+                engine.close()
+            except Exception as e:  # the hosts may be gone with their node
+                logger.warning("closing the old engine: %s", e)
 
     def is_done(self) -> bool:
         return len(self.reports) >= len(self.prompts)
 
     def step(self) -> dict[str, float]:
         i = len(self.reports)
+        return self._with_fresh_hosts(f"prompt {i}", lambda: self._generate(i))
+
+    def _generate(self, i: int) -> dict[str, float]:
         restarts = sum(self.engine.pool.num_replacements)
         run = self.engine.run_sequence(
             self.prompts[i], self.max_new_tokens, seed=self.engine.config.seed + i
