@@ -118,6 +118,23 @@ def test_bad_solve_config_fails_before_any_work(capsys):
     code = run_job(job.NowsSolveConfig, job.main, ["--rtol", "1e-3"])
     assert code == 2
     assert "--data FILE or --generate N" in capsys.readouterr().err
+    for extra in (["--solver", "amg-cg"], ["--refinement", "none"]):
+        argv = ["--generate", "2", "--guess", "zero", *extra]
+        assert run_job(job.NowsSolveConfig, job.main, argv) == 2
+        assert "--guess zero" in capsys.readouterr().err
+
+
+def test_solve_config_builds_the_refinement_asked_for():
+    job = load_job("nows_solve")
+    cfg = job.NowsSolveConfig(
+        generate=2, refine_coarse_factor=8, refine_pre_sweeps=1, refine_cycles=2
+    )
+    refine = cfg.refinement_settings()
+    assert (refine.coarse_factor, refine.num_pre_sweeps) == (8, 1)
+    assert (refine.num_post_sweeps, refine.num_cycles) == (0, 2)
+    assert (
+        job.NowsSolveConfig(generate=2, refinement="none").refinement_settings() is None
+    )
 
 
 @pytest.mark.slow
