@@ -534,11 +534,23 @@ def build_report(campus: Campus, status: Any, started: float) -> Any:
     )
 
 
+def absolute_paths(cfg: CampusConfig) -> None:
+    """Make the config's local paths absolute: the run leaves the working directory
+    (`Campus.start`), and the tenants read their inputs after that."""
+    cfg.out = cfg.out.resolve()
+    for name in ("darcy", "trace", "prompts"):
+        path = getattr(cfg, name)
+        if path is not None:
+            setattr(cfg, name, path.resolve())
+    if cfg.store is not None and "://" not in cfg.store:
+        cfg.store = str(Path(cfg.store).resolve())
+
+
 def main(cfg: CampusConfig) -> Any:
     from raysys.campus.report import summary_table
 
     started = time.monotonic()
-    cfg.out = cfg.out.resolve()
+    absolute_paths(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
     tenant_specs(cfg)  # bad prompts or inputs fail before any cluster starts
     campus = Campus(cfg)
