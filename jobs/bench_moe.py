@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -65,6 +66,12 @@ class ModeSummary(Report):
     cache_hit_rate: float | None = Field(description="lookups ready in the cache")
     bytes_fetched: int = Field(description="bytes moved while decoding")
     stall_ms_per_token: float | None = Field(description="waiting for experts")
+    experts_per_pass: float | None = Field(
+        description="distinct experts one decoding target pass routes to"
+    )
+    link_floor_ms_per_token: float | None = Field(
+        description="link time per token no cache policy or prefetch can avoid"
+    )
 
 
 class BenchReport(Report):
@@ -75,6 +82,12 @@ class BenchReport(Report):
     )
     speedup_vs_sd: float | None = Field(description="TPOT of sd over sd-prefetch")
     speedup_vs_ar: float | None = Field(description="TPOT of ar over sd-prefetch")
+    speedup_vs_sd_median: float | None = Field(
+        description="median over prompts of the per-prompt TPOT ratio sd/sd-prefetch"
+    )
+    speedup_vs_ar_median: float | None = Field(
+        description="median over prompts of the per-prompt TPOT ratio ar/sd-prefetch"
+    )
     prefetch_recall: float | None = Field(
         description="routed experts below the cutoff that were predicted"
     )
@@ -109,11 +122,22 @@ def _summary(report: GenerationReport) -> ModeSummary:
         cache_hit_rate=report.cache_hit_rate,
         bytes_fetched=report.bytes_fetched,
         stall_ms_per_token=report.stall_ms_per_token,
+        experts_per_pass=report.experts_per_pass,
+        link_floor_ms_per_token=report.link_floor_ms_per_token,
     )
 
 
 def _ratio(slow: float | None, fast: float | None) -> float | None:
     return slow / fast if slow and fast else None
+
+
+def _median_ratio(slow: GenerationReport, fast: GenerationReport) -> float | None:
+    ratios = [
+        _ratio(a.tpot_ms, b.tpot_ms)
+        for a, b in zip(slow.outputs, fast.outputs, strict=True)
+    ]
+    ratios = [r for r in ratios if r is not None]
+    return statistics.median(ratios) if ratios else None
 
 
 def main(cfg: BenchConfig) -> BenchReport:
@@ -124,9 +148,14 @@ def main(cfg: BenchConfig) -> BenchReport:
         num_experts // 4,
     )
     if capacity > quarter:
+        asked = (
+            f"cache_bytes {cfg.cache_bytes} ({capacity} experts)"
+            if cfg.cache_bytes is not None
+            else f"cache_experts {capacity}"
+        )
         raise ConfigError(
-            f"cache of {capacity} experts is more than a quarter of the "
-            f"{num_experts} experts; give --cache-experts <= {quarter}"
+            f"{asked} is more than a quarter of the {num_experts} experts; the "
+            f"benchmark needs --cache-experts <= {quarter}"
         )
     with MoEEngine(MoEEngineConfig.of(cfg)) as engine:
         engine.set_mode("sd-prefetch", cfg.cutoff)
@@ -170,6 +199,8 @@ def main(cfg: BenchConfig) -> BenchReport:
         tpot_ms=tpot,
         speedup_vs_sd=_ratio(tpot["sd"], tpot["sd-prefetch"]),
         speedup_vs_ar=_ratio(tpot["ar"], tpot["sd-prefetch"]),
+        speedup_vs_sd_median=_median_ratio(reports["sd"], prefetch),
+        speedup_vs_ar_median=_median_ratio(reports["ar"], prefetch),
         prefetch_recall=prefetch.prefetch_recall,
         predictor_recall=prefetch.predictor_recall,
         cutoff=cutoff,
@@ -207,12 +238,18 @@ def _print(bench: BenchReport, out: Path) -> None:
             f"  {mode:<12} TPOT {summary.tpot_ms:7.2f} ms  acceptance "
             f"{summary.acceptance_rate if summary.acceptance_rate is None else round(summary.acceptance_rate, 3)}"
             f"  cache hits {summary.cache_hit_rate:.3f}  stall "
-            f"{summary.stall_ms_per_token:.2f} ms/token"
+            f"{summary.stall_ms_per_token:.2f} ms/token  experts/pass "
+            f"{summary.experts_per_pass:.1f}  link floor "
+            f"{summary.link_floor_ms_per_token:.2f} ms/token"
         )
     print(
         f"sd-prefetch (cutoff {bench.cutoff}) is {bench.speedup_vs_sd:.2f}x faster per "
         f"token than sd and {bench.speedup_vs_ar:.2f}x faster than ar; prefetch recall "
         f"{bench.prefetch_recall}"
+    )
+    print(
+        f"median per-prompt speedups: {bench.speedup_vs_sd_median:.2f}x vs sd, "
+        f"{bench.speedup_vs_ar_median:.2f}x vs ar"
     )
     if bench.sweep_tpot_ms:
         row = ", ".join(f"{c}: {t:.2f}" for c, t in bench.sweep_tpot_ms.items())

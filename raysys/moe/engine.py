@@ -134,11 +134,13 @@ class MoEEngineConfig(Config):
     def _parse_cutoff(cls, value):
         if isinstance(value, str) and value != "auto":
             try:
-                return int(value)
+                value = int(value)
             except ValueError:
                 raise ValueError(
                     f"cutoff must be 'auto' or a layer count, got {value!r}"
                 ) from None
+        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            raise ValueError(f"cutoff must be >= 0 or 'auto', got {value}")
         return value
 
     @classmethod
@@ -148,8 +150,6 @@ class MoEEngineConfig(Config):
 
     @model_validator(mode="after")
     def _check(self) -> MoEEngineConfig:
-        if isinstance(self.cutoff, int) and self.cutoff < 0:
-            raise ValueError(f"cutoff must be >= 0 or 'auto', got {self.cutoff}")
         if self.cache_experts is not None and self.cache_bytes is not None:
             raise ValueError("give cache_experts or cache_bytes, not both")
         return self
@@ -169,6 +169,7 @@ class SequenceRun:
     missing: list[float]  # summed demand fetches per layer, verify passes
     predicted: list[float]  # summed predicted experts per layer
     num_verify_passes: int
+    pass_experts: list[int]  # distinct routed experts (all layers), decoding passes
 
 
 class _EngineHooks(DecodeHooks):
@@ -184,10 +185,19 @@ class _EngineHooks(DecodeHooks):
         self.missing = [0.0] * num_layers
         self.predicted = [0.0] * num_layers
         self.num_verify_passes = 0
+        self.pass_experts: list[int] = []
         self._demand_before: Counter[int] = Counter()
 
     def target_pass_done(self, kind: str) -> None:
         self.fetcher.end_pass()
+        if kind != "prefill":
+            self.pass_experts.append(
+                sum(
+                    len(r.expert_ids.unique())
+                    for r in self.engine.target.last_routing()
+                    if r is not None
+                )
+            )
         self.engine.num_target_passes += 1
         if self.engine.on_target_pass is not None:
             self.engine.on_target_pass(self.engine.num_target_passes, kind)
@@ -246,6 +256,8 @@ class MoEEngine:
         self.capacity = cache_capacity(
             config, self.expert_nbytes, self.num_experts_total
         )
+        if isinstance(config.cutoff, int):
+            self._check_cutoff(config.cutoff)
         self.pool = ExpertHostPool(
             store_uri,
             c,
@@ -352,12 +364,19 @@ class MoEEngine:
         if cutoff == "auto":
             self.calibrate()
             return
-        if not 0 <= cutoff <= self.num_layers:
+        self._check_cutoff(cutoff)
+        self.cutoff = cutoff
+
+    def _check_cutoff(self, cutoff: object) -> None:
+        if (
+            not isinstance(cutoff, int)
+            or isinstance(cutoff, bool)
+            or not 0 <= cutoff <= self.num_layers
+        ):
             raise ConfigError(
-                f"cutoff {cutoff} is outside [0, {self.num_layers}] (the target has "
+                f"cutoff {cutoff!r} is outside [0, {self.num_layers}] (the target has "
                 f"{self.num_layers} layers); give a layer count or 'auto'"
             )
-        self.cutoff = cutoff
 
     def calibrate(self, prompt: str | None = None) -> CutoffDecision:
         """Measure this engine's costs on one prompt and let the policy pick the cutoff.
@@ -478,6 +497,7 @@ class MoEEngine:
             missing=hooks.missing,
             predicted=hooks.predicted,
             num_verify_passes=hooks.num_verify_passes,
+            pass_experts=hooks.pass_experts,
         )
 
     def generate_ids(
@@ -514,6 +534,12 @@ class MoEEngine:
     def _check_budget(self, max_new_tokens: int) -> None:
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        positions = self.target.config.max_position_embeddings
+        if max_new_tokens >= positions:
+            raise ConfigError(
+                f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the "
+                f"target's {positions} positions; give at most {positions - 1}"
+            )
 
     # ---------------------------------------------------------------- reports
 
@@ -536,6 +562,12 @@ class MoEEngine:
         score = _merge_scores([r.score for r in runs if r.score is not None])
         below = list(range(self.cutoff or 0))
         speculative = self.mode != "ar"
+        pass_experts = [n for r in runs for n in r.pass_experts]
+        link_ms = 1e3 * self.link.transfer_s(self.expert_nbytes)
+        # Every expert a pass routes to is either among the at most capacity + 1
+        # (one transfer in flight) held when its round begins, or moved during
+        # the round; moves are serial, so this much link time is unavoidable.
+        floor_ms = sum(max(0, n - self.capacity - 1) for n in pass_experts) * link_ms
         return GenerationReport(
             mode=self.mode,
             cutoff=self.cutoff,
@@ -576,6 +608,8 @@ class MoEEngine:
             ),
             num_evictions=sum(c.num_evictions for c in caches),
             max_cache_overflow=max((c.max_overflow for c in caches), default=0),
+            experts_per_pass=statistics.mean(pass_experts) if pass_experts else None,
+            link_floor_ms_per_token=floor_ms / decode_tokens if decode_tokens else None,
             bytes_fetched=sum(f.bytes_fetched for f in fetches),
             prefill_bytes_fetched=sum(r.prefill_fetch.bytes_fetched for r in runs),
             num_fetches=sum(f.num_fetches for f in fetches),
@@ -583,7 +617,7 @@ class MoEEngine:
             num_prefetch_dropped=sum(f.num_prefetch_dropped for f in fetches),
             expert_bytes=self.expert_nbytes,
             link_bandwidth_bytes_per_s=self.link.bandwidth_bytes_per_s,
-            link_ms_per_expert=1e3 * self.link.transfer_s(self.expert_nbytes),
+            link_ms_per_expert=link_ms,
             fetch_ms_mean=1e3 * statistics.mean(fetch_s) if fetch_s else None,
             fetch_real_ms_mean=1e3 * statistics.mean(real_s) if real_s else None,
             stall_ms_per_token=(
@@ -650,7 +684,8 @@ def cache_capacity(
     """The cache capacity in experts a config asks for (default: a quarter).
 
     Raises:
-        ConfigError: ``cache_bytes`` is smaller than one expert.
+        ConfigError: ``cache_bytes`` is smaller than one expert, or the cache
+            would hold more experts than the model has.
     """
     if config.cache_bytes is not None:
         capacity = config.cache_bytes // expert_nbytes
@@ -659,8 +694,19 @@ def cache_capacity(
                 f"cache_bytes {config.cache_bytes} holds no expert of "
                 f"{expert_nbytes} bytes; give at least that much"
             )
+        if capacity > num_experts_total:
+            raise ConfigError(
+                f"cache_bytes {config.cache_bytes} holds {capacity} experts of "
+                f"{expert_nbytes} bytes, more than the model's {num_experts_total}; "
+                f"give at most {num_experts_total * expert_nbytes}"
+            )
         return capacity
     if config.cache_experts is not None:
+        if config.cache_experts > num_experts_total:
+            raise ConfigError(
+                f"cache_experts {config.cache_experts} is more than the model's "
+                f"{num_experts_total} experts; give at most {num_experts_total}"
+            )
         return config.cache_experts
     return max(1, num_experts_total // 4)
 

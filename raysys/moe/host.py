@@ -162,10 +162,10 @@ class ExpertHostPool:
             self.store_uri, self.shards[host_idx], host_idx
         )
 
-    def _wait_ready(self, host_idx: int) -> None:
+    def _wait_ready(self, host_idx: int, timeout_s: float | None = None) -> None:
         bounded_get(
             self.hosts[host_idx].ready.remote(),
-            self.timeout_s,
+            self.timeout_s if timeout_s is None else max(timeout_s, 0.001),
             f"expert host {host_idx} starting",
         )
 
@@ -196,7 +196,18 @@ class ExpertHostPool:
                         f"expert {key} from host {host_idx} did not arrive within "
                         f"{self.timeout_s:g} s: {e}"
                     ) from e
-                self.replace(host_idx, host, reason=type(e).__name__)
+                try:
+                    self.replace(
+                        host_idx,
+                        host,
+                        reason=type(e).__name__,
+                        timeout_s=deadline - time.monotonic(),
+                    )
+                except RemoteTimeout as late:
+                    raise ExpertFetchError(
+                        f"expert {key}: the replacement of host {host_idx} was not "
+                        f"ready within the fetch's {self.timeout_s:g} s"
+                    ) from late
                 continue
             real_s = time.perf_counter() - start
             weights = unpack_expert(
@@ -204,13 +215,23 @@ class ExpertHostPool:
             )
             return FetchResult(weights, real_s)
 
-    def replace(self, host_idx: int, stale=None, *, reason: str = "") -> None:
+    def replace(
+        self,
+        host_idx: int,
+        stale=None,
+        *,
+        reason: str = "",
+        timeout_s: float | None = None,
+    ) -> None:
         """Start a new host for ``host_idx``'s shard from the checkpoint store.
 
         A no-op when another caller already replaced ``stale`` (the failed handle).
+        Waits at most ``timeout_s`` (default: the pool's) for the new host.
 
         Raises:
             ExpertFetchError: the host was replaced ``max_replacements`` times.
+            RemoteTimeout: the new host was not ready in time (a later fetch
+                waits for it again).
         """
         with self._lock:
             if stale is not None and self.hosts[host_idx] is not stale:
@@ -230,7 +251,7 @@ class ExpertHostPool:
             )
             ray.kill(self.hosts[host_idx], no_restart=True)
             self.hosts[host_idx] = self._start(host_idx)
-            self._wait_ready(host_idx)
+            self._wait_ready(host_idx, timeout_s)
 
     def kill(self, host_idx: int) -> None:
         """Kill a host's process without warning (fault injection).

@@ -30,13 +30,25 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
     """Prompts of a JSON-lines file (``prompt`` or first of ``turns`` per line).
 
     Raises:
-        ConfigError: missing file, bad JSON, or a line with neither field.
+        ConfigError: missing or unreadable file, bad JSON, or a line with
+            neither field.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"prompt file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"prompt file {str(path)!r} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"prompt file {str(path)!r} is not UTF-8 text ({e.reason} at byte "
+            f"{e.start}); give a JSON-lines file"
+        ) from e
+    except OSError as e:
+        raise ConfigError(f"prompt file {str(path)!r} cannot be read: {e}") from e
     prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -72,7 +84,16 @@ def frame(prompt: str, template: str) -> str:
 def read_prompts(
     path: str | Path | None, limit: int | None, template: str
 ) -> list[str]:
-    """File prompts framed by ``template``, or (no path) the built-in prompts."""
+    """File prompts framed by ``template``, or (no path) the built-in prompts.
+
+    Raises:
+        ConfigError: a bad prompt file, or a template without ``{prompt}``.
+    """
     if path is None:
         return BUILTIN_PROMPTS[:limit] if limit else list(BUILTIN_PROMPTS)
+    if "{prompt}" not in template:
+        raise ConfigError(
+            f"prompt template {template!r} has no {{prompt}} placeholder; every "
+            "prompt would be the same text"
+        )
     return [frame(p, template) for p in load_prompts(path, limit)]

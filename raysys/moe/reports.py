@@ -72,6 +72,15 @@ class GenerationReport(Report):
     max_cache_overflow: int = Field(
         description="most experts held above capacity (pinned by one layer)"
     )
+    experts_per_pass: float | None = Field(
+        description="distinct experts (all layers) one decoding target pass routes "
+        "to: one token's in ar, the union over the verified block in sd modes"
+    )
+    link_floor_ms_per_token: float | None = Field(
+        description="link time per output token that no cache policy or prefetch "
+        "can avoid: experts a pass routes to beyond what the cache can hold when "
+        "its round begins, times the modelled transfer"
+    )
     bytes_fetched: int = Field(description="bytes moved while decoding")
     prefill_bytes_fetched: int = Field(description="bytes moved by the prefills")
     num_fetches: int = Field(description="expert transfers while decoding")

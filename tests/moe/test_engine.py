@@ -70,6 +70,15 @@ def test_every_mode_reproduces_target_greedy(engine, references, mode, cutoff):
     assert report.mode == mode and report.num_tokens == sum(map(len, references))
     assert report.bytes_fetched == report.num_fetches * report.expert_bytes
     assert report.tpot_ms > 0 and 0 < report.cache_hit_rate < 1
+    # The link floor is a lower bound on the link time the run really spent.
+    decode_tokens = report.num_tokens - report.num_prompts
+    floor_ms = report.link_floor_ms_per_token * decode_tokens
+    assert floor_ms <= report.num_fetches * report.link_ms_per_expert + 1e-6
+    layers = engine.num_layers
+    if mode == "ar":  # one token: top-2 distinct experts in every layer
+        assert report.experts_per_pass == 2 * layers
+    else:
+        assert 2 * layers < report.experts_per_pass <= 8 * layers
     if mode == "ar":
         assert report.acceptance_rate is None and report.num_prefetches == 0
     else:
@@ -79,6 +88,21 @@ def test_every_mode_reproduces_target_greedy(engine, references, mode, cutoff):
         assert 0 < report.prefetch_recall <= 1 and 0 < report.prefetch_precision <= 1
     else:
         assert report.prefetch_recall is None
+
+
+@pytest.mark.parametrize("capacity", [1, 3])
+def test_prefetch_never_changes_outputs(engine, references, capacity):
+    """Every cutoff, with caches far smaller than a pass needs, decodes the same."""
+    engine.resize_cache(capacity)
+    try:
+        for cutoff in range(engine.num_layers + 1):
+            engine.set_mode("sd-prefetch", cutoff)
+            report = engine.generate(BUILTIN_PROMPTS[:1], NUM_TOKENS)
+            assert report.outputs[0].token_ids == references[0], cutoff
+            if cutoff:
+                assert report.num_prefetches > 0
+    finally:
+        engine.resize_cache(8)
 
 
 def test_auto_cutoff_comes_from_the_measured_profile(engine):
@@ -141,3 +165,19 @@ def test_bad_configs_fail_with_the_fix(engine, tmp_path):
         MoEEngine(MoEEngineConfig(draft_dir=str(tmp_path / "other")))
     with pytest.raises(ConfigError, match="max_new_tokens must be >= 1"):
         engine.generate(["x"], 0)
+    with pytest.raises(ConfigError, match="max_new_tokens 2048 leaves no room"):
+        engine.generate(["x"], 2048)
+
+
+def test_bad_values_are_named_before_any_work(ray_cluster):
+    with pytest.raises(ValueError, match="cutoff must be >= 0 or 'auto', got -1"):
+        MoEEngineConfig(cutoff="-1")
+    with pytest.raises(ValueError, match="cutoff must be 'auto' or a layer count"):
+        MoEEngineConfig(cutoff="deep")
+    # A cutoff beyond the layers is refused whatever the mode, before hosts start.
+    with pytest.raises(ConfigError, match="cutoff 7 is outside"):
+        MoEEngine(MoEEngineConfig(mode="ar", cutoff=7))
+    with pytest.raises(ConfigError, match="cache_experts 33 is more than"):
+        MoEEngine(MoEEngineConfig(cache_experts=33))
+    with pytest.raises(ConfigError, match="cache_bytes 100000000 holds 1356"):
+        MoEEngine(MoEEngineConfig(cache_bytes=10**8))

@@ -91,7 +91,13 @@ def test_bench_job_compares_the_modes(ray_cluster, tmp_path):
     job.main(cfg)
     report = json.loads(out.read_text())
     assert set(report["tpot_ms"]) == {"ar", "sd", "sd-prefetch"}
-    assert report["speedup_vs_sd"] > 0 and report["speedup_vs_ar"] > 0
+    tpot = report["tpot_ms"]
+    assert report["speedup_vs_sd"] == pytest.approx(tpot["sd"] / tpot["sd-prefetch"])
+    assert report["speedup_vs_ar"] == pytest.approx(tpot["ar"] / tpot["sd-prefetch"])
+    assert report["speedup_vs_sd_median"] > 0 and report["speedup_vs_ar_median"] > 0
+    assert (
+        report["prefetch_recall"] == report["reports"]["sd-prefetch"]["prefetch_recall"]
+    )
     assert report["outputs_identical"] is True
     assert report["cache_experts"] <= report["num_experts_total"] // 4
     assert out.with_suffix(".png").is_file()

@@ -1,0 +1,54 @@
+"""Prompt files: what is read, and the errors for files that cannot be."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from raysys.moe.prompts import BUILTIN_PROMPTS, load_prompts, read_prompts
+from raysys.runtime.errors import ConfigError
+
+
+def test_prompt_and_turns_records_are_read_and_framed(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(
+        json.dumps({"turns": ["first", "second"]})
+        + "\n\n"
+        + json.dumps({"prompt": "x = {1}"})
+        + "\n"
+    )
+    assert load_prompts(path) == ["first", "x = {1}"]
+    assert load_prompts(path, limit=1) == ["first"]
+    assert read_prompts(path, None, "<{prompt}>") == ["<first>", "<x = {1}>"]
+    assert read_prompts(None, 2, "unused") == BUILTIN_PROMPTS[:2]
+
+
+def test_bad_prompt_files_name_the_file_and_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_prompts(tmp_path / "missing.jsonl")
+    with pytest.raises(ConfigError, match="is not a file"):
+        load_prompts(tmp_path)
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b"\xff\xfe{}\n")
+    with pytest.raises(ConfigError, match="binary.jsonl' is not UTF-8"):
+        load_prompts(binary)
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"prompt": "a"}\n{"prompt": \n')
+    with pytest.raises(ConfigError, match="bad.jsonl:2 is not valid JSON"):
+        load_prompts(bad_json)
+    no_field = tmp_path / "nofield.jsonl"
+    no_field.write_text('{"question": "a"}\n')
+    with pytest.raises(ConfigError, match="nofield.jsonl:1: expected an object"):
+        load_prompts(no_field)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(ConfigError, match="holds no prompts"):
+        load_prompts(empty)
+
+
+def test_template_without_placeholder_is_refused(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "a"}) + "\n")
+    with pytest.raises(ConfigError, match="'Q: ' has no {prompt} placeholder"):
+        read_prompts(path, None, "Q: ")
