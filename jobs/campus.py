@@ -46,6 +46,8 @@ from raysys.runtime.errors import ClusterError, RaysysError, RemoteTimeout
 logger = logging.getLogger("campus")
 
 SYSTEMS = ("nows", "serving", "moe")
+# The built-in serving trace, written next to the report for the serving job.
+BUILTIN_TRACE_FILE = "serving-trace.jsonl"
 
 
 class CampusConfig(Config):
@@ -172,17 +174,7 @@ def tenant_specs(
         ),
         "serving": (
             ServingFleet,
-            dict(
-                trace=str(cfg.trace.resolve()) if cfg.trace else None,
-                num_requests=cfg.serving_requests,
-                window=cfg.serving_window,
-                instances=cfg.serving_instances,
-                policy=cfg.serving_policy,
-                ttft_slo_s=cfg.serving_ttft_slo_s,
-                tpot_slo_s=cfg.serving_tpot_slo_s,
-                rate_scale=cfg.serving_rate_scale,
-                arrow=cfg.serving_arrow,
-            ),
+            serving_kwargs(cfg),
             dict(gpus=0.5, kind="interactive", checkpoint=every),
         ),
         "moe": (
@@ -196,6 +188,46 @@ def tenant_specs(
         ),
     }
     return {name: specs[name] for name in cfg.systems}
+
+
+def serving_kwargs(cfg: CampusConfig) -> dict[str, Any]:
+    """Arguments of the serving tenant (`raysys.campus.tenants.ServingFleet`)."""
+    return dict(
+        trace=str(cfg.trace.resolve()) if cfg.trace else None,
+        num_requests=cfg.serving_requests,
+        window=cfg.serving_window,
+        instances=cfg.serving_instances,
+        policy=cfg.serving_policy,
+        ttft_slo_s=cfg.serving_ttft_slo_s,
+        tpot_slo_s=cfg.serving_tpot_slo_s,
+        rate_scale=cfg.serving_rate_scale,
+        arrow=cfg.serving_arrow,
+    )
+
+
+def serving_trace_file(cfg: CampusConfig) -> Path:
+    """The trace the serving tenant replays, as a file ``serve_trace.py`` reads:
+    ``--trace``, or the built-in trace written next to the report."""
+    return cfg.trace or cfg.out / BUILTIN_TRACE_FILE
+
+
+def write_builtin_trace(cfg: CampusConfig) -> Path:
+    """Write the built-in serving trace as Mooncake JSON lines (timestamps in ms)."""
+    import json
+
+    from raysys.campus.tenants import ServingFleet
+
+    trace = ServingFleet(**serving_kwargs(cfg)).builtin_trace()
+    path = cfg.out / BUILTIN_TRACE_FILE
+    with path.open("w") as f:
+        for r in trace.requests:
+            row = {
+                "timestamp": 1000.0 * r.arrival_s,
+                "input_length": r.prompt_tokens,
+                "output_length": r.output_tokens,
+            }
+            f.write(json.dumps(row) + "\n")
+    return path
 
 
 def _prompt_template() -> str:
@@ -264,7 +296,9 @@ def serving_record(
         "outputs_matching_single_instance": matching,
         "flip_times": [f["wall_time"] for f in flips],
     }
-    trace = f"--trace {cfg.trace}" if cfg.trace else ""
+    from raysys.campus.tenants import ServingFleet
+
+    fleet = ServingFleet(**serving_kwargs(cfg))
     return dict(
         name="serving",
         status=status,
@@ -274,10 +308,8 @@ def serving_record(
         f"{matching}/{checked}",
         speed=f"TTFT p50 {_secs(s.ttft_p50_s)}, TPOT p50 {_secs(s.tpot_p50_s)}",
         figures=figures,
-        own_job=f"python jobs/serve_trace.py {trace} --mode real --policy "
-        f"{cfg.serving_policy} --instances {cfg.serving_instances} --max-requests "
-        f"{cfg.serving_requests} --ttft-slo-s {cfg.serving_ttft_slo_s:g} --tpot-slo-s "
-        f"{cfg.serving_tpot_slo_s:g}".replace("  ", " "),
+        own_job=f"python jobs/serve_trace.py --trace {serving_trace_file(cfg)} "
+        f"--mode real {fleet.own_job_args()}",
     )
 
 
@@ -553,6 +585,8 @@ def main(cfg: CampusConfig) -> Any:
     absolute_paths(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
     tenant_specs(cfg)  # bad prompts or inputs fail before any cluster starts
+    if "serving" in cfg.systems and cfg.trace is None:
+        write_builtin_trace(cfg)
     campus = Campus(cfg)
     try:
         campus.start()

@@ -231,26 +231,44 @@ class ServingFleet:
             seed=self.seed,
         )
 
+    def builtin_trace(self):
+        """The built-in shifting trace (`CAMPUS_PHASES`), first ``num_requests``."""
+        from raysys.serving.trace import TracePhase, generate_shifting_trace
+
+        return generate_shifting_trace(
+            duration_s=self.synthetic_duration_s,
+            rate_rps=self.synthetic_rate_rps,
+            phase_s=self.synthetic_phase_s,
+            phases=tuple(TracePhase(**p) for p in CAMPUS_PHASES),
+            sigma=0.5,
+            max_tokens=self.context_tokens // 2,
+            seed=self.seed,
+        ).head(self.num_requests)
+
     def setup(self, context: Any) -> None:
-        from raysys.serving.trace import (
-            TracePhase,
-            generate_shifting_trace,
-            load_trace,
-        )
+        from raysys.serving.trace import load_trace
 
         if self.trace_path is None:
-            trace = generate_shifting_trace(
-                duration_s=self.synthetic_duration_s,
-                rate_rps=self.synthetic_rate_rps,
-                phase_s=self.synthetic_phase_s,
-                phases=tuple(TracePhase(**p) for p in CAMPUS_PHASES),
-                sigma=0.5,
-                max_tokens=self.context_tokens // 2,
-                seed=self.seed,
-            )
+            self.trace = self.builtin_trace()
         else:
-            trace = load_trace(self.trace_path)
-        self.trace = trace.head(self.num_requests)
+            self.trace = load_trace(self.trace_path).head(self.num_requests)
+
+    def own_job_args(self) -> str:
+        """Flags of ``jobs/serve_trace.py --mode real`` for the same requests,
+        fleet and settings (the trace itself is given with ``--trace``)."""
+        flags = [
+            f"--policy {self.policy}",
+            f"--instances {self.instances}",
+            f"--max-requests {self.num_requests}",
+            f"--rate-scale {self.rate_scale:g}",
+            f"--ttft-slo-s {self.ttft_slo_s:g}",
+            f"--tpot-slo-s {self.tpot_slo_s:g}",
+            f"--seed {self.seed}",
+            f"--real-model-context {self.context_tokens}",
+            f"--real-num-cpus {self.instance_cpus:g}",
+        ]
+        flags += [f"--set arrow.{k}={v:g}" for k, v in sorted(self.arrow.items())]
+        return " ".join(flags)
 
     @property
     def done(self) -> int:

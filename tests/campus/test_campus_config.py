@@ -17,13 +17,17 @@ from raysys.runtime.errors import ConfigError
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "campus.py"
 
 
-@pytest.fixture(scope="module")
-def campus():
-    spec = importlib.util.spec_from_file_location("campus_job", JOB)
+def load_job(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_job", JOB.parent / name)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # pydantic resolves the annotations there
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def campus():
+    return load_job("campus.py")
 
 
 def test_relative_inputs_are_read_after_the_job_leaves_its_folder(
@@ -71,3 +75,41 @@ def test_bad_values_name_the_field(campus, tmp_path):
         load_config(campus.CampusConfig, ["--trace", str(tmp_path / "missing.csv")])
     with pytest.raises(ConfigError, match="systems must be"):
         load_config(campus.CampusConfig, ["--systems", "nows", "gpu"])
+
+
+def test_the_serving_own_job_replays_the_same_requests(campus, tmp_path):
+    """The serving record's ``own_job`` reads the tenant's trace and settings."""
+    import shlex
+
+    from raysys.campus.tenants import ServingFleet
+    from raysys.serving.trace import load_trace
+
+    cfg = load_config(
+        campus.CampusConfig, ["--out", str(tmp_path), "--serving-requests", "40"]
+    )
+    campus.absolute_paths(cfg)
+    path = campus.write_builtin_trace(cfg)
+    fleet = ServingFleet(**campus.serving_kwargs(cfg))
+    want = fleet.builtin_trace()
+    state = {"records": "[]", "flips": "[]", "num_clipped": 0}
+    state |= {"num_checked": 0, "num_matching": 0}
+    record = campus.serving_record(cfg, "campus-serving/serving", "done", state)
+    argv = shlex.split(record["own_job"])
+    assert argv[:2] == ["python", "jobs/serve_trace.py"]
+    serve = load_job("serve_trace.py").ServeTraceConfig
+    job = load_config(serve, argv[2:])
+    assert job.trace == path and job.mode == "real"
+    got = load_trace(job.trace).head(job.max_requests)
+    assert len(got.requests) == len(want.requests) == 40
+    for a, b in zip(got.requests, want.requests, strict=True):
+        assert (a.request_id, a.prompt_tokens, a.output_tokens) == (
+            b.request_id,
+            b.prompt_tokens,
+            b.output_tokens,
+        )
+        assert a.arrival_s == pytest.approx(b.arrival_s - want.requests[0].arrival_s)
+    assert (job.policy, job.instances, job.rate_scale) == ("arrow", 4, 4.0)
+    assert (job.ttft_slo_s, job.tpot_slo_s) == (0.1, 0.02)
+    assert (job.seed, job.real_model_context, job.real_num_cpus) == (0, 512, 0.25)
+    assert job.arrow.cooldown_s == 2.0 and job.arrow.monitor_interval_s == 0.5
+    assert job.arrow.num_intervals == 2
