@@ -230,6 +230,36 @@ def write_builtin_trace(cfg: CampusConfig) -> Path:
     return path
 
 
+def nows_data_file(cfg: CampusConfig) -> Path | None:
+    """The instances the NOWS tenant solves, as a file ``nows_solve.py --data``
+    reads: ``--darcy``, or its first ``--nows-instances`` written next to the
+    report when it holds more."""
+    if cfg.darcy is None:
+        return None
+    subset = cfg.out / f"{cfg.darcy.stem}-first{cfg.nows_instances}.npz"
+    return subset if subset.is_file() else cfg.darcy
+
+
+def write_darcy_subset(cfg: CampusConfig) -> Path | None:
+    """Write the first ``--nows-instances`` of ``--darcy`` (coefficients ``a``,
+    and ``f`` where given) when the file holds more; None when it does not."""
+    import numpy as np
+
+    from raysys.solvers.datasets import load_instances
+
+    instances = load_instances(cfg.darcy)
+    path = cfg.out / f"{cfg.darcy.stem}-first{cfg.nows_instances}.npz"
+    if len(instances) <= cfg.nows_instances:
+        path.unlink(missing_ok=True)
+        return None
+    first = instances[: cfg.nows_instances]
+    arrays = {"a": np.stack([i.fields["a"] for i in first])}
+    if all("f" in i.fields for i in first):
+        arrays["f"] = np.stack([i.fields["f"] for i in first])
+    np.savez(path, **arrays)
+    return path
+
+
 def _prompt_template() -> str:
     from raysys.moe import prompts
 
@@ -258,7 +288,7 @@ def nows_record(cfg: CampusConfig, wid: str, status: str, state: Any) -> dict[st
 
     results = [InstanceResult.model_validate(r) for r in _loads(state, "results")]
     s = summarise(results)
-    source = f"--data {cfg.darcy}" if cfg.darcy else (
+    source = f"--data {nows_data_file(cfg)}" if cfg.darcy else (
         f"--generate {cfg.nows_instances} --resolution {cfg.nows_resolution} "
         f"--seed {cfg.nows_seed}"
     )  # fmt: skip
@@ -585,8 +615,11 @@ def main(cfg: CampusConfig) -> Any:
     absolute_paths(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
     tenant_specs(cfg)  # bad prompts or inputs fail before any cluster starts
+    # the inputs of each system's own job for the same work (`own_job`)
     if "serving" in cfg.systems and cfg.trace is None:
         write_builtin_trace(cfg)
+    if "nows" in cfg.systems and cfg.darcy is not None:
+        write_darcy_subset(cfg)
     campus = Campus(cfg)
     try:
         campus.start()

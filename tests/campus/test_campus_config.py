@@ -113,3 +113,40 @@ def test_the_serving_own_job_replays_the_same_requests(campus, tmp_path):
     assert (job.seed, job.real_model_context, job.real_num_cpus) == (0, 512, 0.25)
     assert job.arrow.cooldown_s == 2.0 and job.arrow.monitor_interval_s == 0.5
     assert job.arrow.num_intervals == 2
+
+
+@pytest.mark.parametrize("num_instances", [3, 5])
+def test_the_nows_own_job_solves_the_same_instances(campus, tmp_path, num_instances):
+    import shlex
+
+    import numpy as np
+
+    from raysys.solvers.datasets import load_instances
+
+    rng = np.random.default_rng(0)
+    darcy = tmp_path / "darcy_test.npz"
+    np.savez(darcy, x=rng.random((5, 8, 8)) > 0.5, y=rng.random((5, 8, 8)))
+    cfg = load_config(
+        campus.CampusConfig,
+        ["--out", str(tmp_path / "out"), "--darcy", str(darcy)]
+        + ["--nows-instances", str(num_instances)],
+    )
+    campus.absolute_paths(cfg)
+    cfg.out.mkdir()
+    written = campus.write_darcy_subset(cfg)
+    state = {"results": "[]"}
+    record = campus.nows_record(cfg, "campus-nows/nows", "done", state)
+    argv = shlex.split(record["own_job"])
+    assert argv[:2] == ["python", "jobs/nows_solve.py"]
+    job = load_config(load_job("nows_solve.py").NowsSolveConfig, argv[2:])
+    if num_instances == 5:  # the whole file: the job reads it
+        assert written is None and Path(job.data) == darcy
+    else:
+        assert written == Path(job.data) == cfg.out / "darcy_test-first3.npz"
+    theirs = load_instances(job.data)
+    mine = load_instances(darcy)[:num_instances]  # what the tenant solves
+    assert len(theirs) == num_instances
+    for a, b in zip(theirs, mine, strict=True):
+        assert a.family == b.family == "darcy"
+        assert np.array_equal(a.fields["a"], b.fields["a"])
+    assert (job.solver, job.rtol) == ("cg", 1e-5)
