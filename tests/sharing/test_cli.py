@@ -3,6 +3,7 @@ real local cluster started with `raysys up`."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -155,6 +156,44 @@ def test_join_status_leave(cluster, tmp_path):
     assert "gone" in rows[host]
     assert "running" in rows["t/c"] and "lab-a" in rows["t/c"]
     assert "migrations 1/1 succeeded" in after
+
+    # The same numbers through Ray's metrics API: every node's Prometheus
+    # endpoint is scraped until the controller's next export arrives.
+    scraped = _python(
+        """
+        import json, time, urllib.request
+        import ray
+        from raysys.runtime import init_ray
+        init_ray()
+        wanted = ("ray_raysys_sharing_migrations_succeeded_total",
+                  "ray_raysys_sharing_gpus_lent")
+        found = {}
+        deadline = time.time() + 90
+        while time.time() < deadline and len(found) < len(wanted):
+            for node in ray.nodes():
+                if not node["Alive"]:
+                    continue
+                url = (f"http://{node['NodeManagerAddress']}:"
+                       f"{node['MetricsExportPort']}/metrics")
+                try:
+                    text = urllib.request.urlopen(url, timeout=5).read().decode()
+                except OSError:
+                    continue
+                for line in text.splitlines():
+                    name = line.split("{")[0].split(" ")[0]
+                    if name in wanted:
+                        found[name] = (line.split("{")[1].split("}")[0],
+                                       float(line.rsplit(" ", 1)[1]))
+            time.sleep(2)
+        print("METRICS", json.dumps(found))
+        """,
+        env,
+    )
+    assert scraped.returncode == 0, scraped.stdout + scraped.stderr
+    metrics = json.loads(scraped.stdout.split("METRICS ")[1].splitlines()[0])
+    tags, succeeded = metrics["ray_raysys_sharing_migrations_succeeded_total"]
+    assert 'kind="graceful"' in tags and succeeded == 1.0
+    assert metrics["ray_raysys_sharing_gpus_lent"][1] == 2.0  # lab-a's 2, lab-b gone
 
     stopped = _python(
         f"""
