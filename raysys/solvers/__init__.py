@@ -9,8 +9,10 @@ zero and runs to the same stopping rule. Modules, one role each:
 - `datasets`: generation as Ray tasks and readers of benchmark and user files;
 - `krylov`: solvers that count iterations and products with A the same way;
 - `policy`: the plain warm-start policy (use the guess or fall back to zero);
-- `warmstart`: smoothing, coarse-grid baseline guess, warm-started solve;
-- `training`: losses (relative L2, H1, energy norm) and the training loop;
+- `warmstart`: the two-grid refinement of guesses and its cost, smoothing,
+  the coarse-grid baseline guess, the warm-started solve;
+- `training`: losses (relative L2, H1, energy norm, the energy error left
+  after smoothing or after the refinement) and the training loop;
 - `predictor`: batched predictions, locally or as a Ray actor;
 - `worker`: the per-instance solve task;
 - `runner`: fan-out of solves with streaming results;
