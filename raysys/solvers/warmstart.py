@@ -160,12 +160,13 @@ class RefinementCost:
         num_products: real products with A at most (the residual of each
             cycle, ``A d``), one each; `TwoGridRefinement.refine` counts those
             it makes (a residual it already knows costs nothing).
-        restriction: ``nnz(P) / nnz(A)`` per cycle (R is P's transpose, scaled).
-        prolongation: ``nnz(P) / nnz(A)`` per cycle.
+        restriction: ``nnz(P) / nnz(A)`` for each cycle (R is P's transpose,
+            scaled).
+        prolongation: ``nnz(P) / nnz(A)`` for each cycle.
         coarse_factorisation: the LU's multiply-adds,
             ``sum_j nnz(L[:, j]) nnz(U[j, :])``, over ``nnz(A)``; once.
-        coarse_solve: the triangular solves, ``(nnz(L) + nnz(U)) / nnz(A)`` per
-            cycle.
+        coarse_solve: the triangular solves, ``(nnz(L) + nnz(U)) / nnz(A)`` for
+            each cycle.
     """
 
     num_sweeps: int
