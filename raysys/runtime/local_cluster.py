@@ -17,6 +17,7 @@ The cluster's address and nodes are kept in a small JSON state file
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import json
 import logging
@@ -214,6 +215,19 @@ def ensure_auth_token() -> None:
     )
 
 
+def node_temp_dir(cluster_temp_dir: str, name: str) -> str:
+    """A provider node's own Ray temp dir, inside the cluster's.
+
+    Every node's runtime-env agent unpacks a job's working dir for its workers
+    (at job start: Ray installs job runtime envs eagerly) and replaces any copy
+    it did not unpack itself. Nodes sharing one temp dir share that folder, so
+    a provider would delete the directory the job's driver runs in on the head.
+    The name is short: Ray's socket paths under it must fit 107 bytes.
+    """
+    digest = hashlib.sha1(name.encode()).hexdigest()[:6]
+    return os.path.join(cluster_temp_dir, f"n-{digest}")
+
+
 def start_provider_node(
     gcs_address: str,
     name: str,
@@ -247,7 +261,7 @@ def start_provider_node(
     if node_ip:
         args.append(f"--node-ip-address={node_ip}")
     if temp_dir:
-        args.append(f"--temp-dir={temp_dir}")
+        args.append(f"--temp-dir={node_temp_dir(temp_dir, name)}")
     _run_ray_start(args, _node_env(cluster_id, name, auth), f"provider {name!r}")
     return NodeRecord(
         name=name,

@@ -125,6 +125,9 @@ def cmd_join(argv: Sequence[str]) -> int:
         auth=auth,
         object_store_mb=args.object_store_mb,
         node_ip=node_ip,
+        # a node of its own inside the local cluster's temp dir (see
+        # `local_cluster.node_temp_dir`); Ray's default elsewhere
+        temp_dir=state.temp_dir if state else None,
     )
     if state is not None:
         state.nodes.append(record)

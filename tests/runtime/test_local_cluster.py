@@ -106,6 +106,34 @@ def test_job_with_token_runs_and_sees_all_nodes(local, tmp_path):
     assert "GPUS 4.0 NODES 3" in result.stdout
 
 
+def test_workers_on_providers_leave_the_drivers_working_dir_alone(local, tmp_path):
+    """Every node unpacks a job's working dir for its own workers, replacing a
+    copy it has not unpacked itself: on nodes sharing one temp dir a provider
+    would delete the directory the driver runs in. Each node has its own."""
+    env, dashboard = local
+    (tmp_path / "probe.py").write_text(
+        "import os, ray\n"
+        "ray.init()\n"
+        "inode = os.stat('.').st_ino\n"
+        "open('written-by-driver.txt', 'w').close()\n"
+        "@ray.remote(num_cpus=0)\n"
+        "def where():\n"
+        "    return os.getcwd()\n"
+        "dirs = ray.get([where.options(resources={f'provider:provider-{i}': 0.01})"
+        ".remote() for i in range(2)])\n"
+        "print('DRIVER', os.getcwd())\n"
+        "print('PROVIDERS', *dirs)\n"
+        "print('KEPT', os.path.exists('written-by-driver.txt'), "
+        "os.stat(os.getcwd()).st_ino == inode)\n"
+    )
+    result = _submit(dict(env, RAY_AUTH_MODE="token"), dashboard, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "KEPT True True" in result.stdout
+    driver = result.stdout.split("DRIVER ")[1].split()[0]
+    providers = result.stdout.split("PROVIDERS ")[1].split()[:2]
+    assert len({driver, *providers}) == 3  # one copy per node
+
+
 def test_job_without_token_is_refused(local, tmp_path):
     env, dashboard = local
     (tmp_path / "probe.py").write_text("print('SHOULD NOT RUN')\n")
