@@ -149,3 +149,70 @@ def test_a_job_with_the_wrong_token_is_refused(cluster, tmp_path):
     with pytest.raises(urllib.error.HTTPError) as info:
         job_api(env, address, job_id)
     assert info.value.code == 404
+
+
+def _tiny_sharing_inputs(folder: Path) -> tuple[Path, Path]:
+    """A pod list of four GPU jobs and one availability series, for sharing_trace."""
+    pods = folder / "pods.csv"
+    pods.write_text(
+        "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,qos,pod_phase,"
+        "creation_time,deletion_time,scheduled_time\n"
+        "a,1,1,1,1000,,LS,Running,0,600,0\n"
+        "b,1,1,1,500,,BE,Running,60,1260,60\n"
+        "c,1,1,2,1000,,BE,Running,120,2520,120\n"
+        "d,1,1,0,0,,BE,Running,0,10,0\n"  # asks no GPU: skipped
+    )
+    series = folder / "availability"
+    series.mkdir()
+    (series / "pool.json").write_text(
+        json.dumps({"metadata": {"gap_seconds": 300}, "data": [4, 4, 2, 4, 4, 3, 4]})
+    )
+    return pods, series
+
+
+# One short job of each system, each checked through its own report.
+SYSTEM_JOBS = {
+    "nows": (
+        ["jobs/nows_solve.py", "--generate", "2", "--resolution", "16"],
+        lambda r: (
+            r["summary"]["num_instances"] == 2
+            and r["summary"]["num_converged_cold"] == 2
+            and r["summary"]["num_converged_warm"] == 2
+        ),
+    ),
+    "serving": (
+        ["jobs/serve_trace.py", "--mode", "sim", "--max-requests", "40", "--no-plot"],
+        lambda r: r["num_requests"] == 40 and r["num_completed"] == 40,
+    ),
+    "moe": (
+        ["jobs/moe_generate.py", "--num-prompts", "1", "--max-new-tokens", "8"],
+        lambda r: r["num_prompts"] == 1 and r["num_tokens"] == 8,
+    ),
+    "sharing": (
+        ["jobs/sharing_trace.py", "--providers", "8", "--provider-gpus", "2"],
+        lambda r: (
+            r["rows_total"] == 4
+            and r["jobs_used"] == 3
+            and [x["policy"] for x in r["results"]]
+            == ["share-migrate", "share-restart", "static"]
+            and all(x["jobs_submitted"] == 3 for x in r["results"])
+        ),
+    ),
+}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("system", list(SYSTEM_JOBS))
+def test_a_short_job_of_each_system_runs_through_the_job_api(cluster, tmp_path, system):
+    env, address = cluster
+    argv, check = SYSTEM_JOBS[system]
+    out = tmp_path / "report.json"
+    extra = ["--out", str(out)]
+    if system == "sharing":
+        pods, series = _tiny_sharing_inputs(tmp_path)
+        extra += ["--jobs", str(pods), "--availability", str(series)]
+    job_id, result = submit(env, address, "python", *argv, *extra)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert job_api(env, address, job_id)["status"] == "SUCCEEDED"
+    report = json.loads(out.read_text())
+    assert check(report), report
