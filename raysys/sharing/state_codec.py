@@ -175,11 +175,19 @@ def tensors_to_bytes(tensors: dict[str, Any]) -> tuple[bytes, str]:
 
 
 def tensors_from_bytes(blob: bytes, flavour: str) -> dict[str, Any]:
-    """Read a safetensors blob written by `tensors_to_bytes`."""
+    """Read a safetensors blob written by `tensors_to_bytes`.
+
+    Raises:
+        ValueError: the blob is not safetensors (safetensors' own error, which
+            is no ValueError, is turned into one naming the cause).
+    """
+    from safetensors import SafetensorError
+
     if flavour == "torch":
         from safetensors.torch import load
-
+    else:
+        from safetensors.numpy import load
+    try:
         return load(blob)
-    from safetensors.numpy import load
-
-    return load(blob)
+    except SafetensorError as e:
+        raise ValueError(f"not a safetensors file ({e})") from e

@@ -89,6 +89,72 @@ def test_a_pickle_disguised_as_safetensors_fails_without_running(tmp_path, name)
     assert not marker.exists()
 
 
+# ---- checkpoints and data files ------------------------------------------------
+
+
+@pytest.mark.parametrize("planted", ["tensors.safetensors", "state.json"])
+def test_a_pickle_planted_in_a_checkpoint_is_refused_without_running(
+    tmp_path, planted, caplog
+):
+    """A pickle in place of a checkpoint file, with a manifest and commit marker
+    rewritten to match it (all a tenant with write access to its namespace could
+    do), is refused as unreadable; the reader falls back to the older one."""
+    import hashlib
+    import logging
+
+    import numpy as np
+
+    from raysys.sharing.store import CheckpointError, CheckpointStore
+
+    marker = tmp_path / "ran"
+    alice = CheckpointStore(str(tmp_path / "ckpt")).tenant("alice")
+    for step in (10, 20):
+        alice.save("train", step, {"step": step, "w": np.full(3, step, np.float32)})
+    cdir = tmp_path / "ckpt/alice/train/ckpt-000000000020-0000"
+    blob = pickle.dumps({"w": Payload(marker)})
+    (cdir / planted).write_bytes(blob)
+    manifest = json.loads((cdir / "MANIFEST.json").read_text())
+    manifest["files"][planted] = {
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "size_bytes": len(blob),
+    }
+    manifest_bytes = json.dumps(manifest).encode()
+    (cdir / "MANIFEST.json").write_bytes(manifest_bytes)
+    (cdir / "COMMITTED").write_text(
+        json.dumps({"manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest()})
+    )
+    with pytest.raises(CheckpointError, match="unreadable"):
+        alice.load("train", "ckpt-000000000020-0000")
+    with caplog.at_level(logging.WARNING, logger="raysys.sharing.store"):
+        latest = alice.latest("train")
+    assert latest.step == 10 and latest.state["step"] == 10
+    assert "ckpt-000000000020-0000 is unreadable" in caplog.text
+    assert not marker.exists()
+
+
+def test_a_pickled_pde_data_file_is_refused_without_running(tmp_path):
+    import numpy as np
+    import torch
+
+    from raysys.solvers.datasets import load_instances
+    from raysys.solvers.errors import DataFormatError
+
+    marker = tmp_path / "ran"
+    path = tmp_path / "darcy.pt"
+    torch.save({"x": torch.zeros(2, 4, 4), "hook": Payload(marker)}, path)
+    with pytest.raises(DataFormatError, match="weights_only=True"):
+        load_instances(path)
+    assert not marker.exists()
+    fake = tmp_path / "darcy.npz"
+    fake.write_bytes(pickle.dumps({"x": Payload(marker)}))
+    with pytest.raises(DataFormatError):
+        load_instances(fake)
+    np.savez(tmp_path / "objects.npz", x=np.array([Payload(marker)], dtype=object))
+    with pytest.raises(DataFormatError):
+        load_instances(tmp_path / "objects.npz")
+    assert not marker.exists()
+
+
 # ---- no unpickling calls in the project ------------------------------------------
 
 # Calls that unpickle whatever the file holds.
