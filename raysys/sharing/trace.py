@@ -90,23 +90,46 @@ def load_gpu_jobs(path: str | Path, *, max_duration_s: float) -> JobTrace:
     jobs: list[TraceJob] = []
     skipped: Counter = Counter()
     num_rows = 0
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in JOB_COLUMNS if c not in (reader.fieldnames or [])]
+    # One row per line, each parsed on its own: the format has no multi-line
+    # fields, and a stray quote must cost its own row, not swallow the rest of
+    # the file into one field. Undecodable bytes become U+FFFD, so such a row
+    # fails on its numbers (or keeps an odd name), never the whole read.
+    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        header = [h.strip() for h in _csv_line(f.readline()) or []]
+        missing = [c for c in JOB_COLUMNS if c not in header]
         if missing:
             raise ConfigError(
                 f"job trace {str(path)!r} lacks column(s) {', '.join(missing)}; "
                 f"expected the pod-list format with {', '.join(JOB_COLUMNS)}"
             )
-        for row in reader:
+        for line in f:
+            if not line.strip():
+                continue
             num_rows += 1
-            reason, job = _parse_job(row, max_duration_s)
+            cells = _csv_line(line)
+            if cells is None:
+                skipped["malformed row (unbalanced quotes)"] += 1
+                continue
+            if len(cells) != len(header):
+                skipped["malformed row (wrong number of fields)"] += 1
+                continue
+            reason, job = _parse_job(
+                dict(zip(header, cells, strict=True)), max_duration_s
+            )
             if job is None:
                 skipped[reason] += 1
             else:
                 jobs.append(job)
     jobs.sort(key=lambda j: (j.arrival_s, j.name))
     return JobTrace(jobs=jobs, num_rows=num_rows, skipped=skipped)
+
+
+def _csv_line(line: str) -> list[str] | None:
+    """The fields of one CSV line, or None when its quoting does not close."""
+    try:
+        return next(csv.reader([line], strict=True), [])
+    except csv.Error:
+        return None
 
 
 def _parse_job(

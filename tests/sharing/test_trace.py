@@ -71,3 +71,29 @@ def test_availability_from_a_file_or_a_directory(tmp_path):
     assert single[0].peak == 3
     with pytest.raises(ConfigError, match="no usable availability"):
         load_availability(tmp_path / "b.json")
+
+
+def test_broken_lines_cost_only_their_own_row(tmp_path):
+    """A stray quote, a short row or undecodable bytes are counted as malformed;
+    every row after them is still read."""
+    path = tmp_path / "pods.csv"
+    good = "ok-{i},1,1,1,1000,,BE,Running,{t},{end},{t}"
+    lines = [good.format(i=i, t=10 * i, end=10 * i + 60) for i in range(3)]
+    lines += [
+        '"unterminated,1,1,1,1000,,LS,Running,0,10,0',
+        "short,1,2",
+        "extra,1,1,1,1000,,LS,Running,0,10,0,surplus",
+    ]
+    lines += [good.format(i=i, t=10 * i, end=10 * i + 60) for i in range(3, 6)]
+    path.write_bytes(
+        (HEADER + "\n".join(lines) + "\n").encode()
+        + b"bytes\xff\xfe,1,1,1,1000,,BE,Running,70,130,7\xff\n"
+    )
+    trace = load_gpu_jobs(path, max_duration_s=1000)
+    assert trace.num_rows == 10
+    assert [j.name for j in trace.jobs] == [f"ok-{i}" for i in range(6)]
+    assert trace.skipped == {
+        "malformed row (unbalanced quotes)": 1,
+        "malformed row (wrong number of fields)": 2,
+        "malformed number": 1,
+    }
