@@ -171,6 +171,8 @@ def main(cfg: DemoConfig) -> DemoReport:
         # directory is temporary, and the nodes started below keep their cwd.
         cfg.out = cfg.out.resolve()
         cfg.plot = cfg.plot.resolve() if cfg.plot else None
+        if cfg.store is not None and "://" not in cfg.store:
+            cfg.store = str(Path(cfg.store).resolve())
         os.chdir(tempfile.gettempdir())
         cluster.add_providers(list(PROVIDERS), cfg.gpus_per_provider)
         store = cfg.store or str(cfg.out.parent / f"checkpoints-{uuid.uuid4().hex[:6]}")
