@@ -158,7 +158,8 @@ def main(cfg: BenchConfig) -> BenchReport:
             f"benchmark needs --cache-experts <= {quarter}"
         )
     with MoEEngine(MoEEngineConfig.of(cfg)) as engine:
-        engine.set_mode("sd-prefetch", cfg.cutoff)
+        if engine.mode != "sd-prefetch":  # else the engine has chosen it already
+            engine.set_mode("sd-prefetch", cfg.cutoff)
         cutoff, decision = engine.cutoff, engine.decision
 
         # The three modes, interleaved prompt by prompt.

@@ -266,13 +266,17 @@ class MoEEngine:
             dtype=self.target.dtype,
         )
         self.link = TransferLink(config.link_bandwidth_bytes_per_s)
-        self.fetcher = ExpertFetcher(
-            self.pool.fetch,
-            ExpertCache(self.capacity, config.cache_policy, self.num_layers),
-            self.expert_nbytes,
-            self.link,
-            timeout_s=config.fetch_timeout_s,
-        )
+        try:
+            self.fetcher = ExpertFetcher(
+                self.pool.fetch,
+                ExpertCache(self.capacity, config.cache_policy, self.num_layers),
+                self.expert_nbytes,
+                self.link,
+                timeout_s=config.fetch_timeout_s,
+            )
+        except BaseException:
+            self.pool.close()
+            raise
         self.target.set_expert_source(self.fetcher)
         self.policy = CutoffPolicy()
         self.mode: str = config.mode
@@ -286,7 +290,11 @@ class MoEEngine:
         self.num_target_passes = 0
         self._calibrating = False
         if config.mode == "sd-prefetch":
-            self.set_mode("sd-prefetch", config.cutoff)
+            try:
+                self.set_mode("sd-prefetch", config.cutoff)
+            except BaseException:
+                self.close()
+                raise
         logger.info(
             "engine ready: %d layers x %d experts (%d bytes each), cache %d experts, "
             "%d hosts, link %s, mode %s",

@@ -157,9 +157,11 @@ class ExpertFetcher:
             while True:
                 failed = [k for k in keys if k in self._errors]
                 if failed:
+                    error = self._errors.pop(failed[0])
                     raise ExpertFetchError(
-                        f"fetching expert {failed[0]} failed"
-                    ) from self._errors.pop(failed[0])
+                        f"fetching expert {failed[0]} failed: "
+                        f"{type(error).__name__}: {error}"
+                    ) from error
                 for key in keys:
                     if self.cache.get(key) is None:  # a prefetch of it failed
                         self._demand_fetch(key)

@@ -149,7 +149,14 @@ class ExpertHostPool:
         self.num_replacements = [0] * num_hosts
         self._lock = threading.Lock()
         for h in range(num_hosts):
-            self._wait_ready(h)
+            try:
+                self._wait_ready(h)
+            except (RemoteTimeout, *HOST_FAULTS) as e:
+                self.close()
+                raise ExpertFetchError(
+                    f"expert host {h} of {num_hosts} did not start (loading its "
+                    f"shard from {store_uri}): {type(e).__name__}: {e}"
+                ) from e
         logger.info(
             "started %d expert hosts over %d experts from %s",
             num_hosts,
@@ -283,6 +290,9 @@ class ExpertHostPool:
         )
 
     def close(self) -> None:
-        """Stop every host."""
+        """Stop every host (those already gone are skipped)."""
         for host in self.hosts:
-            ray.kill(host, no_restart=True)
+            try:
+                ray.kill(host, no_restart=True)
+            except Exception as e:  # noqa: BLE001 (closing; nothing to hand it to)
+                logger.info("expert host already gone at close: %s", e)

@@ -10,7 +10,13 @@ import torch
 
 from raysys.models.hf import Checkpoint, save_model
 from raysys.moe.engine import PRETRAINED
-from raysys.moe.host import ExpertHostPool, pack_expert, shard_experts, unpack_expert
+from raysys.moe.host import (
+    ExpertFetchError,
+    ExpertHostPool,
+    pack_expert,
+    shard_experts,
+    unpack_expert,
+)
 from raysys.moe.store import ExpertCheckpointStore
 from raysys.runtime.errors import ConfigError
 
@@ -88,3 +94,9 @@ def test_pool_fetches_and_replaces_a_killed_host(ray_cluster):
         assert pool.host_info()[pool.host_of[key]]["pid"] != pid
     finally:
         pool.close()
+
+
+def test_pool_reports_a_host_that_cannot_load_its_shard(ray_cluster, tmp_path):
+    config = ExpertCheckpointStore(TARGET).config
+    with pytest.raises(ExpertFetchError, match="expert host 0 of 1 did not start"):
+        ExpertHostPool(str(tmp_path / "gone"), config, num_hosts=1, timeout_s=60)
