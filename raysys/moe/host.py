@@ -148,10 +148,11 @@ class ExpertHostPool:
         self.hosts = [self._start(h) for h in range(num_hosts)]
         self.num_replacements = [0] * num_hosts
         self._lock = threading.Lock()
+        deadline = time.monotonic() + timeout_s
         for h in range(num_hosts):
             try:
-                self._wait_ready(h)
-            except (RemoteTimeout, *HOST_FAULTS) as e:
+                self._start_ready(h, deadline)
+            except (RemoteTimeout, ExpertFetchError, *HOST_FAULTS) as e:
                 self.close()
                 raise ExpertFetchError(
                     f"expert host {h} of {num_hosts} did not start (loading its "
@@ -163,6 +164,29 @@ class ExpertHostPool:
             len(keys),
             store_uri,
         )
+
+    def _start_ready(self, host_idx: int, deadline: float) -> None:
+        """Wait for a starting host; start it again if its process died.
+
+        A host placed on a node that is going away (a provider just switched
+        off, not yet declared dead) dies while starting; its shard is started
+        again, as a fetch would, within the start deadline. A host whose own
+        constructor failed (the store cannot be read) is not retried.
+        """
+        while True:
+            try:
+                self._wait_ready(host_idx, deadline - time.monotonic())
+                return
+            except HOST_FAULTS as e:
+                if getattr(e, "actor_init_failed", False):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise
+                self.replace(
+                    host_idx,
+                    self.hosts[host_idx],
+                    reason=f"{type(e).__name__} while starting",
+                )
 
     def _start(self, host_idx: int):
         return ExpertHost.options(scheduling_strategy="SPREAD").remote(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
+import ray
 import torch
 
 from raysys.models.hf import Checkpoint, save_model
@@ -100,3 +102,31 @@ def test_pool_reports_a_host_that_cannot_load_its_shard(ray_cluster, tmp_path):
     config = ExpertCheckpointStore(TARGET).config
     with pytest.raises(ExpertFetchError, match="expert host 0 of 1 did not start"):
         ExpertHostPool(str(tmp_path / "gone"), config, num_hosts=1, timeout_s=60)
+
+
+@ray.remote(num_cpus=0)
+class _HostThatDiesStarting:
+    """Stands in for a host placed on a node that goes away while it starts."""
+
+    def ready(self) -> None:
+        os._exit(1)
+
+
+class _PoolWithOneDeadStart(ExpertHostPool):
+    def _start(self, host_idx: int):
+        if host_idx == 1 and not getattr(self, "_died_once", False):
+            self._died_once = True
+            return _HostThatDiesStarting.remote()
+        return super()._start(host_idx)
+
+
+def test_a_host_that_dies_while_starting_is_started_again(ray_cluster):
+    store = ExpertCheckpointStore(TARGET)
+    pool = _PoolWithOneDeadStart(str(TARGET), store.config, num_hosts=2, timeout_s=60)
+    try:
+        assert pool.num_replacements == [0, 1]
+        key = pool.shards[1][0]
+        got = pool.fetch(key)
+        assert torch.equal(got.weights.w2, store.read_expert(*key).w2.float())
+    finally:
+        pool.close()
