@@ -20,7 +20,6 @@ split of prefill and decode instances is wrong half of the time.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from raysys.runtime.errors import ConfigError
+from raysys.runtime.tables import csv_line, csv_rows
 
 logger = logging.getLogger(__name__)
 
@@ -253,10 +253,11 @@ def read_azure_csv(path: str | Path) -> Trace:
     """
     path = _existing(path)
     collector = _Collector(path.name)
-    with path.open(newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
+    # Each line is parsed on its own (`raysys.runtime.tables`): a stray quote
+    # or undecodable bytes cost their own row, counted, never the rest.
+    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        header = csv_line(f.readline())
+        if not header:
             raise ConfigError(f"trace {path} is empty; expected a header line")
         header = [h.strip() for h in header]
         missing = [c for c in AZURE_COLUMNS if c not in header]
@@ -266,8 +267,11 @@ def read_azure_csv(path: str | Path) -> Trace:
                 f"header {','.join(AZURE_COLUMNS)} (got {','.join(header)})"
             )
         index = [header.index(c) for c in AZURE_COLUMNS]
-        for line, row in enumerate(reader, start=2):
-            if not row or all(not cell.strip() for cell in row):
+        for line, row in csv_rows(f, first_line=2):
+            if row is None:
+                collector.skip(line, "unbalanced quotes")
+                continue
+            if all(not cell.strip() for cell in row):
                 continue
             if len(row) < len(header):
                 collector.skip(line, f"{len(row)} fields, expected {len(header)}")

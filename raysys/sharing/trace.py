@@ -16,7 +16,6 @@ Rows that cannot be used are counted by reason, never dropped silently.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections import Counter
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raysys.runtime.errors import ConfigError
+from raysys.runtime.tables import csv_line
 from raysys.sharing.workload import WorkloadKind
 
 JOB_COLUMNS = (
@@ -95,7 +95,7 @@ def load_gpu_jobs(path: str | Path, *, max_duration_s: float) -> JobTrace:
     # the file into one field. Undecodable bytes become U+FFFD, so such a row
     # fails on its numbers (or keeps an odd name), never the whole read.
     with path.open(newline="", encoding="utf-8", errors="replace") as f:
-        header = [h.strip() for h in _csv_line(f.readline()) or []]
+        header = [h.strip() for h in csv_line(f.readline()) or []]
         missing = [c for c in JOB_COLUMNS if c not in header]
         if missing:
             raise ConfigError(
@@ -106,7 +106,7 @@ def load_gpu_jobs(path: str | Path, *, max_duration_s: float) -> JobTrace:
             if not line.strip():
                 continue
             num_rows += 1
-            cells = _csv_line(line)
+            cells = csv_line(line)
             if cells is None:
                 skipped["malformed row (unbalanced quotes)"] += 1
                 continue
@@ -122,14 +122,6 @@ def load_gpu_jobs(path: str | Path, *, max_duration_s: float) -> JobTrace:
                 jobs.append(job)
     jobs.sort(key=lambda j: (j.arrival_s, j.name))
     return JobTrace(jobs=jobs, num_rows=num_rows, skipped=skipped)
-
-
-def _csv_line(line: str) -> list[str] | None:
-    """The fields of one CSV line, or None when its quoting does not close."""
-    try:
-        return next(csv.reader([line], strict=True), [])
-    except csv.Error:
-        return None
 
 
 def _parse_job(

@@ -61,6 +61,25 @@ def test_azure_reader_keeps_good_rows_and_counts_malformed(tmp_path):
     assert "backwards" in reasons[5]
 
 
+def test_azure_reader_counts_a_stray_quote_and_bad_bytes_as_their_own_rows(tmp_path):
+    path = tmp_path / "azure.csv"
+    path.write_bytes(
+        b"TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        b'2023-11-16 18:15:46.0000000,"374,44\n'  # the quote never closes
+        b"2023-11-16 18:15:47.0000000,396,109\n"
+        b"2023-11-16 18:15:48.0000000,\xff\xfe,12\n"  # not UTF-8
+        b"2023-11-16 18:15:49.0000000,879,55\n"
+    )
+    trace = read_azure_csv(path)
+    assert [(r.prompt_tokens, r.output_tokens) for r in trace.requests] == [
+        (396, 109),
+        (879, 55),
+    ]
+    assert [m.line for m in trace.malformed] == [2, 4]
+    assert "unbalanced quotes" in trace.malformed[0].reason
+    assert "not a number" in trace.malformed[1].reason
+
+
 def test_azure_reader_names_missing_columns(tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text("time,prompt,output\n1,2,3\n")
