@@ -22,21 +22,19 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field
 
-from raysys.runtime import Config, init_ray, run_job
+from raysys.runtime import init_ray, run_job
+from raysys.solvers.options import GuessOptions
 from raysys.solvers.predictor import DEFAULT_MODEL
-from raysys.solvers.warmstart import RefinementSettings
 
-REFINE = RefinementSettings()
 GUESSES = ("operator", "coarse-grid", "zero")
 
 logger = logging.getLogger("bench_nows")
 
 
-class BenchNowsConfig(Config):
+class BenchNowsConfig(GuessOptions):
     """Warm-start benchmark on held-out generated Darcy instances."""
 
     model: str = Field(str(DEFAULT_MODEL), description="saved Darcy operator")
@@ -44,27 +42,6 @@ class BenchNowsConfig(Config):
     resolutions: list[int] = Field([64, 128], description="grid sizes n (n x n)")
     solvers: list[str] = Field(["cg", "amg-cg"], description="solvers to compare")
     rtols: list[float] = Field([1e-3, 1e-5, 1e-6], description="relative tolerances")
-    refinement: Literal["two-grid", "none"] = Field(
-        "two-grid",
-        description="post-processing of every CG guess: a two-grid cycle, or sweeps",
-    )
-    refine_coarse_factor: int = Field(
-        REFINE.coarse_factor, ge=2, description="refinement's coarse grid: n // this"
-    )
-    refine_pre_sweeps: int = Field(
-        REFINE.num_pre_sweeps, ge=0, description="sweeps before the coarse correction"
-    )
-    refine_post_sweeps: int = Field(
-        REFINE.num_post_sweeps, ge=0, description="sweeps after the coarse correction"
-    )
-    refine_cycles: int = Field(REFINE.num_cycles, ge=1, description="two-grid cycles")
-    num_smoothing_sweeps: int = Field(
-        2,
-        ge=0,
-        description="Gauss-Seidel sweeps on every guess where no refinement "
-        "applies (each counted)",
-    )
-    coarse_factor: int = Field(2, ge=2, description="coarsening of the coarse guess")
     seed: int = Field(
         2000, description="seed of the instances (the operator trained on 0 and 1)"
     )
@@ -72,20 +49,8 @@ class BenchNowsConfig(Config):
         16, ge=0, description="instances of the 1-vs-all-workers run (0 skips it)"
     )
     throughput_resolution: int = Field(128, ge=4, description="its grid size")
-    batch_size: int = Field(16, ge=1, description="instances per prediction batch")
     timeout_s: float = Field(3600, gt=0, description="bound on each run")
     out: str | None = Field(None, description="JSON report path (optional)")
-
-    def refinement_settings(self) -> RefinementSettings | None:
-        """The two-grid refinement asked for (None: plain sweeps)."""
-        if self.refinement == "none":
-            return None
-        return RefinementSettings(
-            coarse_factor=self.refine_coarse_factor,
-            num_pre_sweeps=self.refine_pre_sweeps,
-            num_post_sweeps=self.refine_post_sweeps,
-            num_cycles=self.refine_cycles,
-        )
 
 
 def _median(values):

@@ -20,16 +20,15 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from raysys.runtime import Config, init_ray, run_job
+from raysys.runtime import init_ray, run_job
+from raysys.solvers.options import GuessOptions
 from raysys.solvers.predictor import DEFAULT_MODEL
 from raysys.solvers.warmstart import RefinementSettings
-
-REFINE = RefinementSettings()
 
 logger = logging.getLogger("nows_solve")
 
 
-class NowsSolveConfig(Config):
+class NowsSolveConfig(GuessOptions):
     """Solve instances cold and warm-started from a neural operator."""
 
     model: str = Field(
@@ -62,29 +61,6 @@ class NowsSolveConfig(Config):
         description="initial guess of the warm solve (zero: x0 = 0 through the "
         "refinement, to see what the refinement does alone)",
     )
-    refinement: Literal["two-grid", "none"] = Field(
-        "two-grid",
-        description="post-processing of the guess for cg: a two-grid cycle "
-        "(counted in products with A), or plain sweeps",
-    )
-    refine_coarse_factor: int = Field(
-        REFINE.coarse_factor, ge=2, description="refinement's coarse grid: n // this"
-    )
-    refine_pre_sweeps: int = Field(
-        REFINE.num_pre_sweeps, ge=0, description="sweeps before the coarse correction"
-    )
-    refine_post_sweeps: int = Field(
-        REFINE.num_post_sweeps, ge=0, description="sweeps after the coarse correction"
-    )
-    refine_cycles: int = Field(REFINE.num_cycles, ge=1, description="two-grid cycles")
-    num_smoothing_sweeps: int = Field(
-        2,
-        ge=0,
-        description="Gauss-Seidel sweeps on the guess where no refinement applies "
-        "(gmres, bicgstab, --refinement none; each counted)",
-    )
-    coarse_factor: int = Field(2, ge=2, description="coarsening of the coarse guess")
-    batch_size: int = Field(16, ge=1, description="instances per prediction batch")
     timeout_s: float = Field(3600, gt=0, description="bound on the whole run")
     out: str = Field("out/nows/report.json", description="JSON report path")
 
@@ -110,17 +86,6 @@ class NowsSolveConfig(Config):
                 "--solver cg with --refinement two-grid only"
             )
         return self
-
-    def refinement_settings(self) -> RefinementSettings | None:
-        """The two-grid refinement asked for (None: plain sweeps)."""
-        if self.refinement == "none":
-            return None
-        return RefinementSettings(
-            coarse_factor=self.refine_coarse_factor,
-            num_pre_sweeps=self.refine_pre_sweeps,
-            num_post_sweeps=self.refine_post_sweeps,
-            num_cycles=self.refine_cycles,
-        )
 
 
 def plot_iterations(results, path: Path, title: str) -> None:
