@@ -186,6 +186,7 @@ class ExpertHostPool:
                     host_idx,
                     self.hosts[host_idx],
                     reason=f"{type(e).__name__} while starting",
+                    wait=False,  # the loop waits, and starts it again if need be
                 )
 
     def _start(self, host_idx: int):
@@ -239,6 +240,8 @@ class ExpertHostPool:
                         f"expert {key}: the replacement of host {host_idx} was not "
                         f"ready within the fetch's {self.timeout_s:g} s"
                     ) from late
+                except HOST_FAULTS:
+                    pass  # it died while starting: the next get replaces it again
                 continue
             real_s = time.perf_counter() - start
             weights = unpack_expert(
@@ -253,11 +256,13 @@ class ExpertHostPool:
         *,
         reason: str = "",
         timeout_s: float | None = None,
+        wait: bool = True,
     ) -> None:
         """Start a new host for ``host_idx``'s shard from the checkpoint store.
 
         A no-op when another caller already replaced ``stale`` (the failed handle).
-        Waits at most ``timeout_s`` (default: the pool's) for the new host.
+        Waits at most ``timeout_s`` (default: the pool's) for the new host, unless
+        ``wait`` is False.
 
         Raises:
             ExpertFetchError: the host was replaced ``max_replacements`` times.
@@ -282,7 +287,8 @@ class ExpertHostPool:
             )
             ray.kill(self.hosts[host_idx], no_restart=True)
             self.hosts[host_idx] = self._start(host_idx)
-            self._wait_ready(host_idx, timeout_s)
+            if wait:
+                self._wait_ready(host_idx, timeout_s)
 
     def kill(self, host_idx: int) -> None:
         """Kill a host's process without warning (fault injection).

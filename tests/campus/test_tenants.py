@@ -8,7 +8,7 @@ import torch
 
 from raysys.campus import tenants
 from raysys.campus.tenants import MoEGeneration
-from raysys.moe.host import ExpertHostPool
+from raysys.moe.host import ExpertFetchError, ExpertHostPool
 
 pytestmark = pytest.mark.slow
 
@@ -22,12 +22,12 @@ def dying_hosts(monkeypatch):
     real_wait = ExpertHostPool._wait_ready
     faults = {"left": 0, "raised": 0}
 
-    def wait_ready(self, host_idx):
+    def wait_ready(self, host_idx, *args, **kwargs):
         if faults["left"] > 0:
             faults["left"] -= 1
             faults["raised"] += 1
             raise ray.exceptions.ActorDiedError()
-        real_wait(self, host_idx)
+        real_wait(self, host_idx, *args, **kwargs)
 
     monkeypatch.setattr(ExpertHostPool, "_wait_ready", wait_ready)
     monkeypatch.setattr(tenants, "HOST_FAULT_WAIT_S", 0.0)
@@ -44,22 +44,27 @@ def _greedy(prompt: str) -> list[int]:
     return greedy_generate(target, ByteTokenizer().encode(prompt), NUM_TOKENS)
 
 
-def test_moe_tenant_rebuilds_its_engine_when_expert_hosts_die(ray_cluster, dying_hosts):
+def test_moe_tenant_survives_expert_hosts_dying_while_they_start(
+    ray_cluster, dying_hosts
+):
     from raysys.moe.prompts import BUILTIN_PROMPTS
 
     tenant = MoEGeneration(prompts=BUILTIN_PROMPTS[:1], max_new_tokens=NUM_TOKENS)
     try:
-        # the first engine's host dies while starting: setup builds another
+        # the first engine's host dies while starting: the pool starts it again
         dying_hosts["left"] = 1
         tenant.setup(None)
         assert dying_hosts["raised"] == 1 and tenant.engine is not None
-        # during the prompt a host dies and so does its replacement: the prompt
-        # is redone on a new engine and gives the target's own greedy output
+        assert tenant.engine.pool.num_replacements[0] == 1
+        # during the prompt a host dies and so does its replacement: the pool
+        # replaces it once more and the prompt gives the target's own output
         first = tenant.engine
         first.pool.kill(0)
         dying_hosts["left"] = 1
         metrics = tenant.step()
-        assert dying_hosts["raised"] == 2 and tenant.engine is not first
+        assert dying_hosts["raised"] == 2 and tenant.engine is first
+        # (the faked death leaves that replacement serving, so no third one)
+        assert first.pool.num_replacements[0] == 2
     finally:
         tenant._close_engine()
     assert metrics["prompts_done"] == 1.0
@@ -73,7 +78,9 @@ def test_moe_tenant_gives_up_after_its_rebuilds(ray_cluster, dying_hosts):
 
     tenant = MoEGeneration(prompts=BUILTIN_PROMPTS[:1], max_new_tokens=NUM_TOKENS)
     dying_hosts["left"] = 10**6
-    with pytest.raises(ray.exceptions.ActorDiedError):
+    with pytest.raises(ExpertFetchError, match="replaced 5 times"):
         tenant.setup(None)
-    assert dying_hosts["raised"] == tenants.HOST_FAULT_RETRIES + 1
+    # every engine build starts host 0 once and replaces it 5 times; the
+    # tenant builds 1 + HOST_FAULT_RETRIES engines
+    assert dying_hosts["raised"] == (tenants.HOST_FAULT_RETRIES + 1) * 6
     assert tenant.engine is None
