@@ -51,23 +51,32 @@ def node_positions(n: int) -> np.ndarray:
     return np.arange(1, n + 1) / (n + 1)
 
 
+def interpolation_weights(n: int, m: int, *, zero_boundary: bool) -> np.ndarray:
+    """(m, n) weights of 1-D linear interpolation from n to m interior nodes.
+
+    Args:
+        zero_boundary: the values vanish on the boundary (a solution with zero
+            Dirichlet data), so a node near it interpolates towards zero;
+            otherwise values are held constant towards it (a coefficient field).
+    """
+    source = node_positions(n)
+    if not zero_boundary:
+        return _linear_weights(source, node_positions(m))
+    padded = np.concatenate([[0.0], source, [1.0]])
+    # the boundary columns would multiply zeros: drop them
+    return _linear_weights(padded, node_positions(m))[:, 1:-1]
+
+
 def resample(field: np.ndarray, m: int, *, zero_boundary: bool) -> np.ndarray:
     """Bilinear interpolation of an (n, n) interior field to an (m, m) one.
 
     Args:
         field: (n, n) values at the interior nodes.
         m: target grid size.
-        zero_boundary: the field vanishes on the boundary (a solution with zero
-            Dirichlet data); otherwise values are held constant towards it (a
-            coefficient field).
+        zero_boundary: see `interpolation_weights`.
 
     Returns:
         (m, m) float64 array.
     """
-    n = field.shape[0]
-    source = node_positions(n)
-    if zero_boundary:
-        source = np.concatenate([[0.0], source, [1.0]])
-        field = np.pad(field, 1)
-    w = _linear_weights(source, node_positions(m))  # (m, n')
+    w = interpolation_weights(field.shape[0], m, zero_boundary=zero_boundary)
     return w @ field @ w.T

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from raysys.models.fno import FNO, FNOConfig
 from raysys.runtime import bounded_get
 from raysys.solvers.families import Instance, get_family
-from raysys.solvers.fields import _linear_weights, node_positions
+from raysys.solvers.fields import interpolation_weights
 
 logger = logging.getLogger(__name__)
 
@@ -150,9 +150,8 @@ def jacobi_smoothed(
 def _grid_weights(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """1-D weights: prolongation (n, m) with zero boundary, and the coefficient
     resampling (m, n) of `raysys.solvers.fields.resample`."""
-    padded = np.concatenate([[0.0], node_positions(m), [1.0]])
-    prolong = _linear_weights(padded, node_positions(n))[:, 1:-1]
-    coeff = _linear_weights(node_positions(n), node_positions(m))
+    prolong = interpolation_weights(m, n, zero_boundary=True)
+    coeff = interpolation_weights(n, m, zero_boundary=False)
     return torch.from_numpy(prolong), torch.from_numpy(coeff)  # float64
 
 

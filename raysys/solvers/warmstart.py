@@ -20,6 +20,7 @@ counted in units of one product with A:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -32,7 +33,7 @@ import scipy.sparse.linalg as spla
 from pyamg.relaxation.relaxation import gauss_seidel
 
 from raysys.solvers.families import Instance, PDEFamily
-from raysys.solvers.fields import _linear_weights, node_positions, resample
+from raysys.solvers.fields import interpolation_weights, resample
 from raysys.solvers.krylov import KrylovSolver, SolveResult, threshold
 from raysys.solvers.policy import (
     GuessMeasures,
@@ -100,8 +101,7 @@ def prolongation(n: int, m: int) -> sp.csr_matrix:
     `raysys.solvers.fields`); the boundary values are zero, so a fine node next
     to the boundary interpolates between its coarse neighbour and zero.
     """
-    source = np.concatenate([[0.0], node_positions(m), [1.0]])
-    w = sp.csr_matrix(_linear_weights(source, node_positions(n))[:, 1:-1])  # (n, m)
+    w = sp.csr_matrix(interpolation_weights(m, n, zero_boundary=True))  # (n, m)
     P = sp.csr_matrix(sp.kron(w, w, format="coo"))
     P.eliminate_zeros()  # nnz(P) enters the cost: no stored zeros
     return P
@@ -335,9 +335,11 @@ class TwoGridRefinement:
             if post:
                 x = smooth(self.A, x, b, post, first="backward")
                 r = None
-        cost = self.cost
-        num_matvecs = cost.num_sweeps + num_products + math.ceil(cost.fractional)
-        return x, r, num_matvecs
+        return (
+            x,
+            r,
+            dataclasses.replace(self.cost, num_products=num_products).num_matvecs,
+        )
 
 
 @dataclass

@@ -197,8 +197,9 @@ def solve_instance(
         else:
             raise ValueError(f"unknown guess kind {kind!r}; use {GUESS_KINDS}")
 
-    # one refinement per instance and setting, its setup charged to every use
-    refinements: dict[RefinementSettings, TwoGridRefinement] = {}
+    # one refinement per instance (built when first needed), its setup charged
+    # to every warm solve that uses it
+    refinement: TwoGridRefinement | None = None
     results = []
     for solver_name in settings.solvers:
         check_solver_fits(inst.family, solver_name)
@@ -212,14 +213,9 @@ def solve_instance(
         )
         policy = WarmStartPolicy(symmetric=solver_name in SYMMETRIC_SOLVERS)
         num_sweeps = settings.sweeps_for(solver_name)
-        refinement = None
         refine = settings.refinement_for(solver_name)
-        if refine is not None:
-            if refine not in refinements:
-                refinements[refine] = TwoGridRefinement.for_instance(
-                    fam, inst, refine, A
-                )
-            refinement = refinements[refine]
+        if refine is not None and refinement is None:
+            refinement = TwoGridRefinement.for_instance(fam, inst, refine, A)
         for rtol in settings.rtols:
             solver = copy.copy(base)  # shares the AMG hierarchy
             solver.rtol = rtol
@@ -233,7 +229,7 @@ def solve_instance(
                     guess,
                     policy,
                     num_smoothing_sweeps=num_sweeps,
-                    refinement=refinement,
+                    refinement=refinement if refine is not None else None,
                     name=f"{inst.name} ({solver_name}, rtol {rtol:g}, {kind})",
                 )
                 results.append(
