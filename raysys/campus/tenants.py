@@ -416,13 +416,14 @@ class MoEGeneration:
         self.engine = MoEEngine(MoEEngineConfig.model_validate(self.engine_config))
 
     def _with_fresh_hosts(self, what: str, body: Any) -> Any:
-        """Run ``body`` on an engine, rebuilding it when its expert hosts die.
+        """Run ``body`` on an engine, rebuilding it when its expert hosts fail.
 
         Right after a provider is switched off Ray can still place a new
         expert host there (the node is not yet declared dead); that host dies
-        before it starts, and the engine fails to start or to replace a host.
-        That is the pool's fault, not the tenant's: the engine is built again
-        (by then Ray knows the node is gone) and the work redone, up to
+        before it starts. The host pool starts such hosts again itself, within
+        its deadline and replacement budget; when it gives up, that is the
+        pool's fault, not the tenant's: after a pause (by then Ray knows the
+        node is gone) the engine is built again and the work redone, up to
         `HOST_FAULT_RETRIES` times. A prompt starts with a cold cache and its
         own seed, so a redone prompt gives the same output.
         """
