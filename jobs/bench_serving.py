@@ -175,6 +175,15 @@ def read_trace(cfg: BenchConfig) -> Trace:
     return trace.head(cfg.max_requests)
 
 
+def _times(ratio: float | None) -> str:
+    """A goodput ratio for the console; the JSON keeps inf and NaN as null."""
+    if ratio is None or math.isnan(ratio):
+        return "- (neither reaches the target)"
+    if math.isinf(ratio):
+        return "- (only arrow reaches the target)"
+    return f"{ratio:.2f}x"
+
+
 def ratio_label(num_prefill: int, num_instances: int) -> str:
     return f"{num_prefill}P:{num_instances - num_prefill}D"
 
@@ -421,15 +430,18 @@ def run(cfg: BenchConfig) -> BenchReport:
         f"{cfg.tpot_slo_s:g} s at {cfg.target_attainment:.0%}"
     )
     print(f"  goodput arrow      {arrow.goodput_rps:8.2f} req/s")
-    print(
-        f"  goodput static     {best.goodput_rps:8.2f} req/s (best split {best_label})"
+    which = (
+        f"best split {best_label}"
+        if best.goodput_scale > 0
+        else f"no split reaches {cfg.target_attainment:.0%}"
     )
+    print(f"  goodput static     {best.goodput_rps:8.2f} req/s ({which})")
     print(f"  goodput colocated  {colocated.goodput_rps:8.2f} req/s")
     for label, r in statics.items():
         print(f"    static {label:<7} {r.goodput_rps:8.2f} req/s")
-    print(f"  arrow / best static  {report.ratio_arrow_vs_static:.2f}x")
-    print(f"  arrow / {even_label} split {report.ratio_arrow_vs_even_split:.2f}x")
-    print(f"  arrow / colocated    {report.ratio_arrow_vs_colocated:.2f}x")
+    print(f"  arrow / best static  {_times(report.ratio_arrow_vs_static)}")
+    print(f"  arrow / {even_label} split {_times(report.ratio_arrow_vs_even_split)}")
+    print(f"  arrow / colocated    {_times(report.ratio_arrow_vs_colocated)}")
     print(
         f"  fluid headroom of any role-adaptive policy over the best split: "
         f"{headroom.ratio:.2f}x (prefill share of work "

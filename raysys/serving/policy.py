@@ -144,6 +144,7 @@ class RequestInfo:
 class DispatchReason(str, enum.Enum):
     FEASIBLE = "feasible"  # the cheapest candidate that meets the SLO
     STAY_ON_FLIPPED = "stay_on_flipped"  # prefill instance became decode: no handoff
+    STAY_AVOIDS_HANDOFF = "stay_avoids_handoff"  # the KV handoff alone would stall
     FLIPPED = "flipped"  # no candidate met the SLO; a flip made one
     CHEAPEST = "cheapest"  # none met the SLO and no flip was allowed
     COLOCATED = "colocated"  # both phases on one instance by design
@@ -218,6 +219,13 @@ class ArrowConfig(BaseModel):
     )
     initial_prefill_fraction: float = Field(
         0.5, gt=0, lt=1, description="share of instances that start as prefill"
+    )
+    handoff_limit_tpot: float = Field(
+        1.0,
+        ge=0,
+        description="a decode stays on its prefill instance (when that instance "
+        "has room under MT) if handing its KV over would take longer than this "
+        "many TPOT targets; 0: always hand over",
     )
 
     @model_validator(mode="after")
@@ -512,6 +520,9 @@ class ArrowPolicy(ServingPolicy):
             return self._decide(
                 Dispatch(prefill_instance, DispatchReason.STAY_ON_FLIPPED)
             )
+        stay = self._stay_to_avoid_handoff(origin, context)
+        if stay is not None:
+            return self._decide(stay)
         pool = _pool(states, Role.DECODE)
         if not pool:
             stay = [origin] if origin is not None and origin.alive else states
@@ -544,6 +555,26 @@ class ArrowPolicy(ServingPolicy):
         cost, best = _cheapest(costs)
         return self._decide(
             Dispatch(best.instance_id, DispatchReason.CHEAPEST, cost=cost)
+        )
+
+    def _stay_to_avoid_handoff(
+        self, origin: InstanceState | None, context: int
+    ) -> Dispatch | None:
+        # A handoff moves the whole prompt's KV before the second token; when
+        # that alone exceeds the TPOT budget of a few tokens, a short answer
+        # misses its target however idle the decode pool is. Keeping the decode
+        # where its KV already is avoids the stall, if the instance has room.
+        limit = self.config.handoff_limit_tpot
+        if limit <= 0 or origin is None or not origin.alive:
+            return None
+        handoff_s = self.profile(origin.instance_id).kv_transfer_time_s(context)
+        if handoff_s <= limit * self.slo.tpot_s:
+            return None
+        cost = self.decode_cost(origin, context)
+        if cost[1] > 0:
+            return None
+        return Dispatch(
+            origin.instance_id, DispatchReason.STAY_AVOIDS_HANDOFF, cost=cost
         )
 
     def monitor(self, states: Sequence[InstanceState], now_s: float) -> list[Flip]:

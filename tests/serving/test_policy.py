@@ -158,6 +158,34 @@ def test_decode_stays_on_a_prefill_instance_that_flipped_to_decode():
     assert d.reason is DispatchReason.FEASIBLE
 
 
+def test_decode_stays_on_its_prefill_instance_when_the_handoff_would_stall():
+    # 1 byte per token at 20 kB/s: 1000 tokens take 0.05 s = one TPOT target.
+    slow_link = PROFILE.model_copy(update={"kv_transfer_bytes_per_s": 2e4})
+    policy = ArrowPolicy(slow_link, SLO, ArrowConfig())
+    states = [
+        InstanceState.of(0, P, prefill=queued(500)),
+        InstanceState.of(1, D),
+    ]
+    # 1500 + 1 tokens: 0.075 s > 0.05 s, and instance 0 has room under MT.
+    d = policy.dispatch_decode(RequestInfo(7, 1500), 0, states, now_s=0.0)
+    assert d.instance_id == 0
+    assert d.reason is DispatchReason.STAY_AVOIDS_HANDOFF
+    assert d.cost == pytest.approx((500.0, 1501 - MT))
+    # 900 + 1 tokens: 0.045 s, within one TPOT target: handed over.
+    d = policy.dispatch_decode(RequestInfo(8, 900), 0, states, now_s=0.0)
+    assert (d.instance_id, d.reason) == (1, DispatchReason.FEASIBLE)
+    # No room left on instance 0 under MT: handed over despite the stall.
+    states[0] = InstanceState.of(0, P, decode_context_tokens=[3000])
+    d = policy.dispatch_decode(RequestInfo(9, 1500), 0, states, now_s=0.0)
+    assert (d.instance_id, d.reason) == (1, DispatchReason.FEASIBLE)
+    # A limit of 0 turns the rule off; a limit of 2 TPOT targets tolerates 0.075 s.
+    states[0] = InstanceState.of(0, P)
+    for limit in (0.0, 2.0):
+        off = ArrowPolicy(slow_link, SLO, ArrowConfig(handoff_limit_tpot=limit))
+        d = off.dispatch_decode(RequestInfo(10, 1500), 0, states, now_s=0.0)
+        assert (d.instance_id, d.reason) == (1, DispatchReason.FEASIBLE)
+
+
 def test_decode_goes_to_feasible_instance_without_prefill_work_first():
     policy = arrow()
     states = [
