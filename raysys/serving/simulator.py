@@ -509,7 +509,7 @@ def find_goodput(
 
 @dataclass
 class Headroom:
-    """A fluid upper bound on what changing roles can gain over a fixed split."""
+    """A fluid estimate of what changing roles can gain over a fixed split."""
 
     ratio: float  # best static split's peak need / adaptive peak need (>= 1)
     best_num_prefill: int
@@ -535,8 +535,10 @@ def adaptive_headroom(
     seconds, the work rate of each phase is in instances busy. An adaptive
     pool needs ``max_w (P_w + D_w)`` instances; a split with ``k`` prefill
     instances needs ``N·max(max_w P_w / k, max_w D_w / (N - k))``. Their ratio,
-    at the best ``k``, bounds the goodput gain of any policy that only changes
-    roles (queueing and interference aside).
+    at the best ``k``, estimates the goodput gain of a policy that only changes
+    roles. It is not a strict bound: queueing inside a window and interference
+    are left out, and a fixed split that misses targets in bursts shorter than
+    a window loses more than this model says.
     """
     if num_instances < 2:
         raise ConfigError("a split needs at least 2 instances")
