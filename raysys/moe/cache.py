@@ -14,7 +14,11 @@ once its weights arrived. Two marks keep needed experts in:
 Only READY, unpinned, unprotected entries are evicted. Which one goes is the
 eviction policy's choice:
 
-- ``lru``: the least recently used (what mixtral-offloading does);
+- ``lru``: the least recently used of the whole cache;
+- ``layer-lru``: the capacity is split evenly over the layers (the first
+  ``capacity mod L`` layers get one slot more) and each layer evicts its own
+  least recently used expert, as mixtral-offloading's per-layer eviction
+  groups do; a layer never takes another layer's slot;
 - ``layer-cyclic``: the one whose layer comes round again last. A decoder
   reads its layers in a fixed cycle (0, 1, .., L-1, then 0 again for the next
   token or pass), so while layer ``c`` is computed, an expert of layer ``l`` is
@@ -42,8 +46,8 @@ from raysys.models.mixtral import ExpertWeights
 logger = logging.getLogger(__name__)
 
 ExpertKey = tuple[int, int]
-EvictionPolicy = Literal["lru", "layer-cyclic"]
-EVICTION_POLICIES: tuple[str, ...] = ("lru", "layer-cyclic")
+EvictionPolicy = Literal["lru", "layer-lru", "layer-cyclic"]
+EVICTION_POLICIES: tuple[str, ...] = ("lru", "layer-lru", "layer-cyclic")
 
 
 class EntryState(enum.Enum):
@@ -91,9 +95,19 @@ class ExpertCache:
             raise ValueError(
                 f"eviction policy {policy!r} is not one of {', '.join(EVICTION_POLICIES)}"
             )
+        if policy == "layer-lru" and capacity < num_layers:
+            raise ValueError(
+                f"a layer-lru cache needs at least one slot per layer: capacity "
+                f"{capacity} < {num_layers} layers"
+            )
         self.capacity = capacity
         self.policy = policy
         self.num_layers = num_layers
+        # layer-lru: slots of each layer.
+        self.layer_capacity = [
+            capacity // num_layers + (1 if layer < capacity % num_layers else 0)
+            for layer in range(num_layers)
+        ]
         # The layer being computed; between passes the last one, so layer 0 is next.
         self.position = num_layers - 1
         self.entries: OrderedDict[ExpertKey, CacheEntry] = OrderedDict()
@@ -126,16 +140,20 @@ class ExpertCache:
             self.entries.move_to_end(key)
         return entry
 
-    def _evictable(self, needed_before: int | None = None) -> ExpertKey | None:
+    def _evictable(
+        self, needed_before: int | None = None, layer: int | None = None
+    ) -> ExpertKey | None:
         # ``needed_before``: only entries needed later than that distance qualify.
+        # ``layer``: only entries of that layer (layer-lru).
         candidates = [
             key
             for key, entry in self.entries.items()  # least recently used first
             if entry.state is EntryState.READY
             and not entry.pins
             and not entry.protected
+            and (layer is None or key[0] == layer)
         ]
-        if self.policy == "lru":
+        if self.policy in ("lru", "layer-lru"):
             return candidates[0] if candidates else None
         if needed_before is not None:
             candidates = [k for k in candidates if self.distance(k[0]) > needed_before]
@@ -164,8 +182,9 @@ class ExpertCache:
         assert key not in self.entries, f"{key} is already cached"
         # A prefetch never evicts what is needed sooner than what it brings.
         needed_before = None if may_overflow else self.distance(key[0])
-        while len(self.entries) >= self.capacity:
-            victim = self._evictable(needed_before)
+        layer = key[0] if self.policy == "layer-lru" else None
+        while self._full(layer):
+            victim = self._evictable(needed_before, layer)
             if victim is None:
                 if not may_overflow:
                     return False
@@ -211,13 +230,26 @@ class ExpertCache:
         for entry in targets:
             entry.protected = False
 
+    def _held(self, layer: int | None) -> tuple[int, int]:
+        # (entries, capacity) of one layer (layer-lru) or of the whole cache.
+        if layer is None:
+            return len(self.entries), self.capacity
+        held = sum(1 for key in self.entries if key[0] == layer)
+        return held, self.layer_capacity[layer]
+
+    def _full(self, layer: int | None) -> bool:
+        held, capacity = self._held(layer)
+        return held >= capacity
+
     def trim(self) -> None:
         """Evict LRU entries while above capacity (pinned ones stay)."""
-        while len(self.entries) > self.capacity:
-            victim = self._evictable()
-            if victim is None:
-                return
-            self._evict(victim)
+        layers = range(self.num_layers) if self.policy == "layer-lru" else [None]
+        for layer in layers:
+            while self._held(layer)[0] > self._held(layer)[1]:
+                victim = self._evictable(layer=layer)
+                if victim is None:
+                    break
+                self._evict(victim)
 
     def clear(self) -> None:
         """Drop every entry that is not in flight or pinned; reset the counters."""

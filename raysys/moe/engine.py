@@ -91,7 +91,9 @@ class MoEEngineConfig(Config):
         None, gt=0, description="cache capacity in bytes (instead of cache_experts)"
     )
     cache_policy: EvictionPolicy = Field(
-        "lru", description="eviction: lru, or layer-cyclic (furthest layer first)"
+        "lru",
+        description="eviction: lru (whole cache), layer-lru (even slots per layer, "
+        "as mixtral-offloading), or layer-cyclic (furthest layer first)",
     )
     link_bandwidth_bytes_per_s: float = Field(
         DEFAULT_LINK_BANDWIDTH,

@@ -75,3 +75,29 @@ def test_clear_keeps_in_flight_entries_and_resets_counts():
 def test_capacity_must_be_positive():
     with pytest.raises(ValueError, match="capacity must be >= 1"):
         ExpertCache(0)
+
+
+def test_layer_lru_splits_the_capacity_and_evicts_within_the_layer():
+    cache = ExpertCache(6, "layer-lru", num_layers=4)
+    assert cache.layer_capacity == [2, 2, 1, 1]
+    filled(cache, (0, 0), (0, 1), (3, 0), (1, 0))
+    # Layer 3 is full: a new layer-3 expert evicts (3, 0), though (0, 0) is older.
+    filled(cache, (3, 5))
+    assert cache.stats.evicted == [(3, 0)]
+    # Layer 0 is full and its only entries are pinned: a prefetch is refused, a
+    # needed expert overflows and is trimmed back within layer 0 when unpinned.
+    cache.pin([(0, 0), (0, 1)])
+    assert not cache.reserve((0, 2), may_overflow=False)
+    assert cache.reserve((0, 2), may_overflow=True)
+    cache.fill((0, 2), weights(2))
+    cache.pin([(0, 2)])
+    cache.unpin([(0, 0), (0, 1), (0, 2)])
+    assert sorted(cache.entries) == [(0, 1), (0, 2), (1, 0), (3, 5)]
+    # Layer 2 has a free slot whatever the other layers hold.
+    filled(cache, (2, 4))
+    assert (2, 4) in cache.entries
+
+
+def test_layer_lru_needs_a_slot_per_layer():
+    with pytest.raises(ValueError, match="capacity 3 < 4 layers"):
+        ExpertCache(3, "layer-lru", num_layers=4)

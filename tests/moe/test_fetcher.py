@@ -170,13 +170,16 @@ def test_making_room_never_evicts_an_expert_of_the_same_layer(make):
     assert hosts.order.count((0, 1)) == 1
 
 
-@pytest.mark.parametrize(("policy", "hits"), [("lru", 0), ("layer-cyclic", 4)])
+@pytest.mark.parametrize(
+    ("policy", "hits"), [("lru", 0), ("layer-cyclic", 4), ("layer-lru", 4)]
+)
 def test_layer_cyclic_eviction_hits_where_lru_thrashes(policy, hits):
     """Two passes over 4 layers x 2 experts through a 4-expert cache.
 
     LRU evicts each expert just before the next pass needs it again; evicting
     the expert whose layer comes round last keeps layers 0 and 3 (a hit each
-    for both their experts).
+    for both their experts); one slot per layer keeps each layer's most
+    recent expert (one hit per layer).
     """
     from raysys.moe.cache import ExpertCache
 
