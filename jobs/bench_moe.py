@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
+from raysys.moe.cache import EvictionPolicy
 from raysys.moe.engine import (
     MODES,
     MoEEngine,
@@ -43,6 +44,11 @@ class BenchConfig(MoEEngineConfig):
     num_prompts: int | None = Field(None, ge=1, description="first N prompts only")
     prompt_template: str = Field(
         DEFAULT_TEMPLATE, description="framing of file prompts; {prompt} is replaced"
+    )
+    cache_policy: EvictionPolicy = Field(
+        "layer-lru",
+        description="eviction of every mode's cache; layer-lru (even slots per "
+        "layer, LRU within each) is the mixtral-offloading baseline",
     )
     max_new_tokens: int = Field(96, ge=2, description="tokens per prompt")
     sweep: bool = Field(True, description="also sweep sd-prefetch over every cutoff")
@@ -99,6 +105,7 @@ class BenchReport(Report):
     )
     outputs_identical: bool = Field(description="greedy outputs equal in every run")
     cache_experts: int = Field(description="cache capacity in experts")
+    cache_policy: str = Field(description="eviction policy of every mode's cache")
     num_experts_total: int = Field(description="experts of the model")
     expert_bytes: int = Field(description="bytes per expert transfer")
     link_bandwidth_bytes_per_s: float | None = Field(description="modelled link")
@@ -209,6 +216,7 @@ def main(cfg: BenchConfig) -> BenchReport:
         sweep_tpot_ms=sweep_tpot,
         outputs_identical=all(o == outputs[0] for o in outputs),
         cache_experts=prefetch.cache_experts,
+        cache_policy=cfg.cache_policy,
         num_experts_total=prefetch.num_experts_total,
         expert_bytes=prefetch.expert_bytes,
         link_bandwidth_bytes_per_s=prefetch.link_bandwidth_bytes_per_s,
@@ -230,7 +238,8 @@ def main(cfg: BenchConfig) -> BenchReport:
 
 def _print(bench: BenchReport, out: Path) -> None:
     print(
-        f"cache {bench.cache_experts} of {bench.num_experts_total} experts, link "
+        f"cache {bench.cache_experts} of {bench.num_experts_total} experts "
+        f"({bench.cache_policy}), link "
         f"{bench.link_ms_per_expert:.2f} ms/expert (real Ray get "
         f"{bench.fetch_real_ms_mean or 0:.2f} ms), draft length {bench.draft_length}"
     )

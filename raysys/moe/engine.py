@@ -260,6 +260,12 @@ class MoEEngine:
         )
         if isinstance(config.cutoff, int):
             self._check_cutoff(config.cutoff)
+        if config.cache_policy == "layer-lru" and self.capacity < self.num_layers:
+            raise ConfigError(
+                f"cache_policy layer-lru needs a slot per layer: cache of "
+                f"{self.capacity} experts < {self.num_layers} layers; give at least "
+                f"{self.num_layers} experts or another policy"
+            )
         self.pool = ExpertHostPool(
             store_uri,
             c,

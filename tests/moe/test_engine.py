@@ -181,3 +181,5 @@ def test_bad_values_are_named_before_any_work(ray_cluster):
         MoEEngine(MoEEngineConfig(cache_experts=33))
     with pytest.raises(ConfigError, match="cache_bytes 100000000 holds 1356"):
         MoEEngine(MoEEngineConfig(cache_bytes=10**8))
+    with pytest.raises(ConfigError, match="cache of 3 experts < 4 layers"):
+        MoEEngine(MoEEngineConfig(cache_experts=3, cache_policy="layer-lru"))

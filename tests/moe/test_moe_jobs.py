@@ -100,6 +100,7 @@ def test_bench_job_compares_the_modes(ray_cluster, tmp_path):
     )
     assert report["outputs_identical"] is True
     assert report["cache_experts"] <= report["num_experts_total"] // 4
+    assert report["cache_policy"] == "layer-lru"
     assert out.with_suffix(".png").is_file()
     with pytest.raises(ConfigError, match="more than a quarter"):
         job.main(
