@@ -496,7 +496,10 @@ class ServingFront:
                 tracked.phase = Phase.DONE
                 tracked.output = event.output
                 tracked.record.finish_s = now
-                tracked.holders.clear()
+                # The report of the handoff may come after the end of the
+                # request: free the sender's copy now.
+                tracked.holders.discard(i)
+                self._drop_everywhere(tracked)
 
     def _on_op(self, ref: Any, op: _Op) -> None:
         try:
@@ -525,6 +528,11 @@ class ServingFront:
             self._settle(op)
             tracked = self._tracked(op.key)
             if op.kind == "accept":
+                if tracked is not None and tracked.phase is Phase.DONE:
+                    # It finished on the receiver before this report came in
+                    # (the sender's copy was freed at the end).
+                    tracked.record.handoff = True
+                    return
                 if tracked is None or tracked.phase in TERMINAL:
                     # Cancelled or abandoned while the KV was on its way.
                     self.ops[self.actors[i].release.remote(op.key)] = _Op(

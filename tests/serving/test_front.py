@@ -183,6 +183,41 @@ def test_cancelled_request_frees_its_kv_everywhere(arrow_front, model):
     assert all(front.requests[rid].record.error == "cancelled" for rid in cancelled)
 
 
+def test_handoff_reported_after_the_request_finished_frees_the_sender(
+    arrow_front, model
+):
+    """Under load the receiver's end of a request can reach the front before the
+    report that it accepted the KV; the sender's copy must still be freed."""
+    front = arrow_front
+    prompts = [prompt(n, seed=500 + n) for n in (40, 70)]
+    held = []
+    deliver = front._op_done
+
+    def hold_accepts(op, report):
+        if op.kind == "accept":
+            held.append((op, report))
+        else:
+            deliver(op, report)
+
+    front._op_done = hold_accepts
+    try:
+        ids = submit_all(front, prompts, 600)
+        assert front.run_until_idle(120)
+        assert all(front.requests[rid].phase == "done" for rid in ids)
+        assert held, "no request was handed over"
+        for op, report in held:  # the late reports
+            deliver(op, report)
+    finally:
+        front._op_done = deliver
+    for _ in range(20):  # let the release orders land
+        front.poll()
+    assert [front.outputs()[rid] for rid in ids] == expected_outputs(model, prompts)
+    records = [front.requests[rid].record for rid in ids]
+    assert all(r.handoff for r in records if r.prefill_instance != r.decode_instance)
+    reports = ray.get([a.ready.remote() for a in front.actors], timeout=30)
+    assert [r.load.kv_used_tokens for r in reports] == [0] * len(front.actors)
+
+
 def test_killing_a_prefill_instance_mid_handoff_retries_only_its_requests(
     ray_cluster, model
 ):
