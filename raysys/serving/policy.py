@@ -49,7 +49,7 @@ import enum
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -479,32 +479,25 @@ class ArrowPolicy(ServingPolicy):
             )
         costs = [(self.prefill_cost(s, request), s) for s in pool]
         budget = self.config.ttft_margin * self.slo.ttft_s
-        feasible = [c for c in costs if c[0][1] <= budget]
-        if feasible:
-            cost, best = _cheapest(feasible)
-            return self._decide(
-                Dispatch(best.instance_id, DispatchReason.FEASIBLE, cost=cost)
+
+        def flip() -> tuple[InstanceState, Flip] | None:
+            decode_load = self.pool_load(states, Role.DECODE)
+            if decode_load >= self.config.shrink_threshold:
+                return None
+            victim = self.choose_flip(states, Role.DECODE)
+            if victim is None:
+                return None
+            return victim, self._flip(
+                victim,
+                FlipReason.DISPATCH_PREFILL,
+                now_s,
+                f"no prefill instance meets TTFT {budget:g} s "
+                f"(best predicts {min(c[0][1] for c in costs):.2f} s), decode "
+                f"load {decode_load:.2f} < {self.config.shrink_threshold:g}",
             )
 
-        decode_load = self.pool_load(states, Role.DECODE)
-        if decode_load < self.config.shrink_threshold:
-            victim = self.choose_flip(states, Role.DECODE)
-            if victim is not None:
-                flip = self._flip(
-                    victim,
-                    FlipReason.DISPATCH_PREFILL,
-                    now_s,
-                    f"no prefill instance meets TTFT {budget:g} s "
-                    f"(best predicts {min(c[0][1] for c in costs):.2f} s), decode "
-                    f"load {decode_load:.2f} < {self.config.shrink_threshold:g}",
-                )
-                cost = self.prefill_cost(victim, request)
-                return self._decide(
-                    Dispatch(victim.instance_id, DispatchReason.FLIPPED, flip, cost)
-                )
-        cost, best = _cheapest(costs)
-        return self._decide(
-            Dispatch(best.instance_id, DispatchReason.CHEAPEST, cost=cost)
+        return self._dispatch_in_pool(
+            costs, budget, flip, lambda s: self.prefill_cost(s, request)
         )
 
     def dispatch_decode(
@@ -532,26 +525,49 @@ class ArrowPolicy(ServingPolicy):
                 )
             )
         costs = [(self.decode_cost(s, context), s) for s in pool]
-        feasible = [c for c in costs if c[0][1] <= 0]
+
+        def flip() -> tuple[InstanceState, Flip] | None:
+            if not self._cooled_down(now_s):
+                return None
+            victim = self.choose_flip(states, Role.PREFILL)
+            if victim is None:
+                return None
+            return victim, self._flip(
+                victim,
+                FlipReason.DISPATCH_DECODE,
+                now_s,
+                f"no decode instance has room for {context} tokens under MT",
+            )
+
+        return self._dispatch_in_pool(
+            costs, 0.0, flip, lambda s: self.decode_cost(s, context)
+        )
+
+    def _dispatch_in_pool(
+        self,
+        costs: list[tuple[tuple[float, float], InstanceState]],
+        limit: float,
+        flip: Callable[[], tuple[InstanceState, Flip] | None],
+        cost_of: Callable[[InstanceState], tuple[float, float]],
+    ) -> Dispatch:
+        # Algorithm 1, steps 2-4, for either phase: the cheapest instance
+        # whose second cost term is within ``limit``; else a flip if ``flip``
+        # makes one (the flipped instance takes the request); else the
+        # cheapest instance regardless.
+        feasible = [c for c in costs if c[0][1] <= limit]
         if feasible:
             cost, best = _cheapest(feasible)
             return self._decide(
                 Dispatch(best.instance_id, DispatchReason.FEASIBLE, cost=cost)
             )
-
-        if self._cooled_down(now_s):
-            victim = self.choose_flip(states, Role.PREFILL)
-            if victim is not None:
-                flip = self._flip(
-                    victim,
-                    FlipReason.DISPATCH_DECODE,
-                    now_s,
-                    f"no decode instance has room for {context} tokens under MT",
+        flipped = flip()
+        if flipped is not None:
+            victim, change = flipped
+            return self._decide(
+                Dispatch(
+                    victim.instance_id, DispatchReason.FLIPPED, change, cost_of(victim)
                 )
-                cost = self.decode_cost(victim, context)
-                return self._decide(
-                    Dispatch(victim.instance_id, DispatchReason.FLIPPED, flip, cost)
-                )
+            )
         cost, best = _cheapest(costs)
         return self._decide(
             Dispatch(best.instance_id, DispatchReason.CHEAPEST, cost=cost)
