@@ -169,6 +169,83 @@ def lr_at(step: int, num_steps: int, peak_lr: float, warmup: int) -> float:
     return peak_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _trainable_params(
+    model: torch.nn.Module, trainable: Callable[[str], bool] | None
+) -> list[torch.nn.Parameter]:
+    # Marks the chosen parameters (by name; default all) as trained, freezes
+    # the rest and returns the chosen ones.
+    params = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(trainable is None or trainable(name))
+        if param.requires_grad:
+            params.append(param)
+    return params
+
+
+# One step's objective: (inputs, targets) -> (loss to log, aux loss, total).
+StepLoss = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+
+
+def _optimize(
+    model: Transformer,
+    params: list[torch.nn.Parameter],
+    step_loss: StepLoss,
+    corpus: Corpus,
+    *,
+    weight_decay: float,
+    num_steps: int,
+    batch_size: int,
+    seq_len: int,
+    lr: float,
+    seed: int,
+    eval_every: int,
+    progress: Callable[[int, float], None] | None,
+    phase: str,
+) -> TrainLog:
+    # AdamW over ``params`` with warmup and cosine decay, gradient clipping at
+    # 1, validation loss of ``model`` every ``eval_every`` steps; the model is
+    # frozen and in eval mode afterwards.
+    optimizer = torch.optim.AdamW(
+        params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay
+    )
+    log = TrainLog()
+    start = time.perf_counter()
+    model.train()
+    data = batches(corpus.train, batch_size, seq_len, seed)
+    for step in range(num_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, num_steps, lr, warmup=max(1, num_steps // 20))
+        inputs, targets = next(data)
+        loss, aux, total = step_loss(inputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        log.steps.append(step)
+        log.train_loss.append(loss.item())
+        log.aux_loss.append(aux.item())
+        if progress is not None:
+            progress(step, log.train_loss[-1])
+        if (step + 1) % eval_every == 0 or step + 1 == num_steps:
+            log.valid_steps.append(step + 1)
+            log.valid_loss.append(evaluate(model, corpus.valid, seq_len, seed=1))
+            model.train()
+            logger.info(
+                "%s step %d/%d: train loss %.3f, aux %.3f, valid loss %.3f",
+                phase,
+                step + 1,
+                num_steps,
+                log.train_loss[-1],
+                log.aux_loss[-1],
+                log.valid_loss[-1],
+            )
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.eval()
+    log.elapsed_s = time.perf_counter() - start
+    return log
+
+
 def train(
     model: Transformer,
     corpus: Corpus,
@@ -189,23 +266,10 @@ def train(
         trainable: which parameters (by name) are trained; default all.
         progress: called after each step with (step, loss), e.g. a progress bar.
     """
-    names = [n for n, _ in model.named_parameters()]
-    chosen = {n for n in names if trainable is None or trainable(n)}
-    params = []
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in chosen)
-        if name in chosen:
-            params.append(param)
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    params = _trainable_params(model, trainable)
     is_moe = isinstance(model, Mixtral)
-    log = TrainLog()
-    start = time.perf_counter()
-    model.train()
-    data = batches(corpus.train, batch_size, seq_len, seed)
-    for step in range(num_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, num_steps, lr, warmup=max(1, num_steps // 20))
-        inputs, targets = next(data)
+
+    def step_loss(inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         logits = model(inputs)  # (B, T, V)
         loss = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
@@ -220,33 +284,23 @@ def train(
                 )
                 / model.config.num_hidden_layers
             )
-        total = loss + aux_loss_coef * aux
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        log.steps.append(step)
-        log.train_loss.append(loss.item())
-        log.aux_loss.append(aux.item())
-        if progress is not None:
-            progress(step, log.train_loss[-1])
-        if (step + 1) % eval_every == 0 or step + 1 == num_steps:
-            log.valid_steps.append(step + 1)
-            log.valid_loss.append(evaluate(model, corpus.valid, seq_len, seed=1))
-            model.train()
-            logger.info(
-                "step %d/%d: train loss %.3f, valid loss %.3f, aux %.3f",
-                step + 1,
-                num_steps,
-                log.train_loss[-1],
-                log.valid_loss[-1],
-                log.aux_loss[-1],
-            )
-    for param in model.parameters():
-        param.requires_grad_(False)
-    model.eval()
-    log.elapsed_s = time.perf_counter() - start
-    return log
+        return loss, aux, loss + aux_loss_coef * aux
+
+    return _optimize(
+        model,
+        params,
+        step_loss,
+        corpus,
+        weight_decay=0.01,
+        num_steps=num_steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=lr,
+        seed=seed,
+        eval_every=eval_every,
+        progress=progress,
+        phase="moe" if is_moe else "dense",
+    )
 
 
 def distill(
@@ -268,21 +322,10 @@ def distill(
     Args:
         trainable: which draft parameters (by name) are trained; default all.
     """
-    params = []
-    for name, param in draft.named_parameters():
-        param.requires_grad_(trainable is None or trainable(name))
-        if param.requires_grad:
-            params.append(param)
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    log = TrainLog()
-    start = time.perf_counter()
+    params = _trainable_params(draft, trainable)
     target.eval()
-    draft.train()
-    data = batches(corpus.train, batch_size, seq_len, seed)
-    for step in range(num_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, num_steps, lr, warmup=max(1, num_steps // 20))
-        inputs, _ = next(data)
+
+    def step_loss(inputs: Tensor, _targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         with torch.no_grad():
             teacher = F.log_softmax(target(inputs).float(), dim=-1)  # (B, T, V)
         student = F.log_softmax(draft(inputs).float(), dim=-1)  # (B, T, V)
@@ -292,31 +335,23 @@ def distill(
             log_target=True,
             reduction="batchmean",
         )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        log.steps.append(step)
-        log.train_loss.append(loss.item())
-        log.aux_loss.append(0.0)
-        if progress is not None:
-            progress(step, log.train_loss[-1])
-        if (step + 1) % eval_every == 0 or step + 1 == num_steps:
-            log.valid_steps.append(step + 1)
-            log.valid_loss.append(evaluate(draft, corpus.valid, seq_len, seed=1))
-            draft.train()
-            logger.info(
-                "distil step %d/%d: KL %.3f, draft valid loss %.3f",
-                step + 1,
-                num_steps,
-                log.train_loss[-1],
-                log.valid_loss[-1],
-            )
-    for param in draft.parameters():
-        param.requires_grad_(False)
-    draft.eval()
-    log.elapsed_s = time.perf_counter() - start
-    return log
+        return loss, torch.zeros(()), loss
+
+    return _optimize(
+        draft,
+        params,
+        step_loss,
+        corpus,
+        weight_decay=0.0,
+        num_steps=num_steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=lr,
+        seed=seed,
+        eval_every=eval_every,
+        progress=progress,
+        phase="distil",
+    )
 
 
 def fixed_windows(
