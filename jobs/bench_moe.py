@@ -31,6 +31,7 @@ from raysys.moe.engine import (
 from raysys.moe.prompts import DEFAULT_TEMPLATE, read_prompts
 from raysys.moe.reports import GenerationReport
 from raysys.runtime import ConfigError, Report, run_job
+from raysys.runtime.config import OutputFile
 
 logger = logging.getLogger("bench_moe")
 
@@ -52,7 +53,7 @@ class BenchConfig(MoEEngineConfig):
     )
     max_new_tokens: int = Field(96, ge=2, description="tokens per prompt")
     sweep: bool = Field(True, description="also sweep sd-prefetch over every cutoff")
-    out: str = Field("out/moe/bench.json", description="report JSON path")
+    out: OutputFile = Field(Path("out/moe/bench.json"), description="report JSON path")
 
     @model_validator(mode="after")
     def _greedy_only(self) -> BenchConfig:

@@ -26,6 +26,7 @@ from pathlib import Path
 from pydantic import Field
 
 from raysys.runtime import init_ray, run_job
+from raysys.runtime.config import OutputFile
 from raysys.solvers.options import GuessOptions
 from raysys.solvers.predictor import DEFAULT_MODEL
 
@@ -50,7 +51,7 @@ class BenchNowsConfig(GuessOptions):
     )
     throughput_resolution: int = Field(128, ge=4, description="its grid size")
     timeout_s: float = Field(3600, gt=0, description="bound on each run")
-    out: str | None = Field(None, description="JSON report path (optional)")
+    out: OutputFile | None = Field(None, description="JSON report path (optional)")
 
 
 def _median(values):

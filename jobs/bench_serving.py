@@ -26,14 +26,16 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from raysys.runtime import Config, Report, init_ray, run_job
+from raysys.runtime.config import OutputFile
+from raysys.runtime.errors import RaysysError
 from raysys.runtime.ray_env import PROJECT_ROOT
 from raysys.serving.batching import EngineConfig
 from raysys.serving.metrics import summarize
@@ -105,7 +107,9 @@ class BenchConfig(Config):
     sim_timeout_s: float = Field(
         6 * 3600.0, gt=0, description="bound on all simulations of one stage, s"
     )
-    out: Path = Field(Path("out/serving/bench.json"), description="JSON report path")
+    out: OutputFile = Field(
+        Path("out/serving/bench.json"), description="JSON report path"
+    )
 
 
 class PolicyGoodput(BaseModel):
@@ -238,17 +242,32 @@ def run_all(cfg: BenchConfig, calls: list[tuple], what: str) -> list:
     """Run ``(function, *args)`` calls on ``sim_workers`` processes, in order.
 
     Simulations are plain CPU work, so they run in local processes rather than
-    on the Ray cluster; each result is awaited with a bound.
+    on the Ray cluster. All of them together are bounded by ``sim_timeout_s``:
+    past it the processes are stopped and the stage fails with how far it got.
+
+    Raises:
+        RaysysError: the stage did not finish within ``sim_timeout_s``.
     """
-    if cfg.sim_workers == 1:
-        return [fn(*args) for fn, *args in tqdm(calls, desc=what, unit="run")]
-    results: list = [None] * len(calls)
-    with ProcessPoolExecutor(max_workers=cfg.sim_workers) as pool:
-        futures = {pool.submit(fn, *args): i for i, (fn, *args) in enumerate(calls)}
-        with tqdm(total=len(calls), desc=what, unit="run") as bar:
-            for future in as_completed(futures, timeout=cfg.sim_timeout_s):
-                results[futures[future]] = future.result()
-                bar.update(1)
+    deadline = time.monotonic() + cfg.sim_timeout_s
+    workers = min(cfg.sim_workers, len(calls)) or 1
+    with (
+        multiprocessing.Pool(workers) as pool,
+        tqdm(total=len(calls), desc=what, unit="run") as bar,
+    ):
+        pending = [pool.apply_async(fn, args) for fn, *args in calls]
+        results = []
+        for result in pending:
+            try:
+                results.append(result.get(max(deadline - time.monotonic(), 0.0)))
+            except multiprocessing.TimeoutError:
+                pool.terminate()
+                raise RaysysError(
+                    f"{what}: {len(results)} of {len(calls)} simulations finished "
+                    f"within --sim-timeout-s {cfg.sim_timeout_s:g} s; the rest were "
+                    "stopped (raise the bound, or shorten the trace with "
+                    "--max-requests)"
+                ) from None
+            bar.update(1)
     return results
 
 

@@ -41,6 +41,7 @@ from pydantic import Field, model_validator
 from tqdm import tqdm
 
 from raysys.runtime import Config, run_job
+from raysys.runtime.config import OutputDir
 from raysys.runtime.errors import ClusterError, RaysysError, RemoteTimeout
 
 logger = logging.getLogger("campus")
@@ -53,7 +54,7 @@ BUILTIN_TRACE_FILE = "serving-trace.jsonl"
 class CampusConfig(Config):
     """All four systems on one shared pool of lent GPUs, with providers leaving."""
 
-    out: Path = Field(
+    out: OutputDir = Field(
         Path("out/campus"), description="folder for report.json and timeline.png"
     )
     darcy: Path | None = Field(

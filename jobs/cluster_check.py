@@ -33,6 +33,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from raysys.runtime import Config, Report, init_ray, run_job
+from raysys.runtime.config import OutputFile
 from raysys.runtime.errors import ClusterError
 from raysys.runtime.local_cluster import PROVIDER_LABEL, PROVIDER_RESOURCE
 from raysys.runtime.ray_env import bounded_get
@@ -63,7 +64,7 @@ class ClusterCheckConfig(Config):
     timeout_s: float = Field(
         60.0, gt=0, description="bound on each wait (placement, probes), > 0"
     )
-    out: Path = Field(
+    out: OutputFile = Field(
         Path("out/cluster_check/report.json"), description="JSON report path"
     )
 

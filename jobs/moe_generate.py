@@ -20,6 +20,7 @@ from pydantic import Field
 from raysys.moe.engine import MoEEngine, MoEEngineConfig
 from raysys.moe.prompts import DEFAULT_TEMPLATE, read_prompts
 from raysys.runtime import run_job
+from raysys.runtime.config import OutputFile
 
 logger = logging.getLogger("moe_generate")
 
@@ -37,7 +38,9 @@ class GenerateConfig(MoEEngineConfig):
         DEFAULT_TEMPLATE, description="framing of file prompts; {prompt} is replaced"
     )
     max_new_tokens: int = Field(64, ge=1, description="tokens to generate per prompt")
-    out: str = Field("out/moe/generate.json", description="report JSON path")
+    out: OutputFile = Field(
+        Path("out/moe/generate.json"), description="report JSON path"
+    )
 
 
 def main(cfg: GenerateConfig) -> None:

@@ -26,6 +26,7 @@ from raysys.models.llama import Llama, tiny_llama_config
 from raysys.models.mixtral import upcycle
 from raysys.moe import training
 from raysys.runtime import Config, Report, run_job
+from raysys.runtime.config import OutputDir
 
 logger = logging.getLogger("moe_train")
 
@@ -35,8 +36,8 @@ DEFAULT_OUT = Path(__file__).resolve().parents[1] / "raysys" / "moe" / "pretrain
 class TrainConfig(Config):
     """Train the dense draft, upcycle it and train the MoE target."""
 
-    out_dir: str = Field(
-        str(DEFAULT_OUT), description="folder for draft/, target/ and the report"
+    out_dir: OutputDir = Field(
+        DEFAULT_OUT, description="folder for draft/, target/ and the report"
     )
     corpus_dir: str | None = Field(
         None, description="folder of .py files (default: this Python's stdlib)"

@@ -21,6 +21,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from raysys.runtime import init_ray, run_job
+from raysys.runtime.config import OutputFile
 from raysys.solvers.options import GuessOptions
 from raysys.solvers.predictor import DEFAULT_MODEL
 from raysys.solvers.warmstart import RefinementSettings
@@ -62,7 +63,9 @@ class NowsSolveConfig(GuessOptions):
         "refinement, to see what the refinement does alone)",
     )
     timeout_s: float = Field(3600, gt=0, description="bound on the whole run")
-    out: str = Field("out/nows/report.json", description="JSON report path")
+    out: OutputFile = Field(
+        Path("out/nows/report.json"), description="JSON report path"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> NowsSolveConfig:

@@ -22,6 +22,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from raysys.runtime import Config, cluster_gpus, init_ray, run_job
+from raysys.runtime.config import OutputDir
 from raysys.solvers.datasets import generate_instances, load_instances, with_references
 from raysys.solvers.families import get_family
 
@@ -50,7 +51,7 @@ class NowsTrainConfig(Config):
         64, ge=4, le=1024, description="grid size n of generated instances (n x n)"
     )
     epochs: int = Field(100, ge=1, description="training epochs")
-    out: str = Field(description="model directory to write")
+    out: OutputDir = Field(description="model directory to write")
     seed: int = Field(0, description="seed of the training set and the optimiser")
     test_seed: int = Field(1, description="seed of the generated test set")
     init_model: str | None = Field(

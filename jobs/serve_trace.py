@@ -28,6 +28,7 @@ from pydantic import Field, model_validator
 from tqdm import tqdm
 
 from raysys.runtime import Config, Report, init_ray, run_job
+from raysys.runtime.config import OutputFile
 from raysys.serving.batching import EngineConfig
 from raysys.serving.metrics import (
     FlipReport,
@@ -106,7 +107,7 @@ class ServeTraceConfig(Config):
     real_max_step_tokens: int = Field(
         256, ge=8, description="real mode: token budget of one engine step"
     )
-    out: Path = Field(
+    out: OutputFile = Field(
         Path("out/serving/serve_trace.json"), description="JSON report path"
     )
     plot: bool = Field(True, description="write a PNG timeline next to the report")
@@ -120,6 +121,11 @@ class ServeTraceConfig(Config):
                     f"a static split of {self.instances} instances needs 1 <= "
                     f"num_prefill < {self.instances}, got {n}"
                 )
+        if self.policy != "static" and self.num_prefill is not None:
+            raise ValueError(
+                f"--num-prefill applies to --policy static only (got --policy "
+                f"{self.policy}); leave it out, or use the static split"
+            )
         if self.policy == "arrow" and self.instances < 2:
             raise ValueError("arrow needs --instances >= 2 (one per role)")
         return self
@@ -141,6 +147,12 @@ class ServeTraceReport(Report):
     num_failed: int
     num_clipped: int
     num_malformed: int
+    malformed_rows: list[dict[str, int | str]] = Field(
+        description="the first skipped rows of the trace: line number and why"
+    )
+    num_reordered: int = Field(
+        description="rows out of time order in the file, sorted into arrival order"
+    )
     slo_attainment: float
     ttft_p50_s: float | None
     ttft_p90_s: float | None
@@ -233,6 +245,8 @@ def run(cfg: ServeTraceConfig) -> ServeTraceReport:
         profile=profile_name,
         num_clipped=num_clipped,
         num_malformed=trace.num_malformed,
+        malformed_rows=[{"line": m.line, "reason": m.reason} for m in trace.malformed],
+        num_reordered=trace.num_reordered,
         num_role_flips=len(flips),
         num_fallbacks=policy.counters.num_fallbacks,
         num_retries=sum(r.num_retries for r in records),

@@ -30,6 +30,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from raysys.runtime import Config, Report, run_job
+from raysys.runtime.config import OutputFile
 from raysys.runtime.errors import ClusterError, RaysysError, RemoteTimeout
 from raysys.sharing.localpool import LocalPool
 
@@ -41,10 +42,10 @@ PROVIDERS = ("demo-a", "demo-b", "demo-c")
 class DemoConfig(Config):
     """Counters and torch training loops surviving a drain and a kill."""
 
-    out: Path = Field(
+    out: OutputFile = Field(
         Path("out/sharing/demo.json"), description="where to write the JSON report"
     )
-    plot: Path | None = Field(
+    plot: OutputFile | None = Field(
         None, description="PNG path (default: the report's path with .png)"
     )
     store: str | None = Field(

@@ -30,6 +30,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 
 from raysys.runtime import Config, Report, run_job
+from raysys.runtime.config import OutputFile
 from raysys.runtime.ray_env import PROJECT_ROOT
 from raysys.sharing.simulation import (
     POLICIES,
@@ -59,10 +60,10 @@ class TraceConfig(Config):
         description="availability JSON file, or a directory of them (one pool each)",
     )
     providers: int = Field(1000, ge=1, le=100_000, description="number of providers")
-    out: Path = Field(
+    out: OutputFile = Field(
         Path("out/sharing/trace.json"), description="where to write the JSON report"
     )
-    plot: Path | None = Field(
+    plot: OutputFile | None = Field(
         None, description="PNG timeline path (default: the report's path with .png)"
     )
     policies: list[PolicyName] = Field(

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from raysys.runtime.errors import ConfigError
 
@@ -27,9 +28,67 @@ C = TypeVar("C", bound="Config")
 
 
 class Config(BaseModel):
-    """Base class of every raysys configuration: unknown keys are errors."""
+    """Base class of every raysys configuration: unknown keys are errors, and
+    so are infinite and NaN numbers."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, allow_inf_nan=False
+    )
+
+
+def _writable_place(path: Path, what: str) -> None:
+    # The nearest existing folder at or above ``path`` must be a writable
+    # folder, so ``path`` can be created there once the work is done.
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(
+            f"{what} {str(path)!r} cannot be created: {str(probe)!r} is a file"
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"{what} {str(path)!r} cannot be created: {str(probe)!r} is not writable"
+        )
+
+
+def check_output_file(path: Path) -> Path:
+    """A path a job can write its report to, checked before any work starts.
+
+    Raises:
+        ValueError: empty, an existing folder, or not creatable.
+    """
+    if path.name in ("", ".", ".."):
+        raise ValueError(
+            f"output file {str(path)!r} has no file name; give one such as "
+            "out/report.json"
+        )
+    if path.is_dir():
+        raise ValueError(
+            f"output file {str(path)!r} is a folder; give a file path, such as "
+            f"{str(path / 'report.json')!r}"
+        )
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"output file {str(path)!r} is not writable")
+    _writable_place(path.parent, "output file")
+    return path
+
+
+def check_output_dir(path: Path) -> Path:
+    """A folder a job can write into (it may not exist yet), checked up front.
+
+    Raises:
+        ValueError: an existing file, or not creatable or writable.
+    """
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output folder {str(path)!r} is a file; give a folder")
+    _writable_place(path, "output folder")
+    return path
+
+
+# Field types of job outputs: bad paths fail with the config, not after the run.
+OutputFile = Annotated[Path, AfterValidator(check_output_file)]
+OutputDir = Annotated[Path, AfterValidator(check_output_dir)]
 
 
 def flag_name(field: str) -> str:
@@ -44,11 +103,19 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         ConfigError: the file is missing, unreadable, or not a mapping.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder; pass a file")
     if not path.is_file():
         raise ConfigError(
             f"config file {str(path)!r} does not exist; pass an existing file"
         )
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text (byte {e.start}): "
+            "pass a YAML or JSON file"
+        ) from e
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
@@ -135,18 +202,27 @@ def build_parser(
     return parser
 
 
-def format_validation_error(cls: type[BaseModel], error: ValidationError) -> str:
-    """One line per bad field: its flag, the problem, the value given and the fix."""
+def format_validation_error(
+    cls: type[BaseModel], error: ValidationError, *, flags: bool = True
+) -> str:
+    """One line per bad field: its flag, the problem, the value given and the fix.
+
+    ``flags=False`` leaves the command-line flags out (values from a file).
+    """
     lines = [f"invalid {cls.__name__}:"]
     for item in error.errors():
-        loc = ".".join(str(p) for p in item["loc"]) or "<config>"
-        top = str(item["loc"][0]) if item["loc"] else ""
+        if not item["loc"]:  # a check across fields: its message says it all
+            lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
+            continue
+        loc = ".".join(str(p) for p in item["loc"])
+        top = str(item["loc"][0])
         field = cls.model_fields.get(top)
         where = flag_name(loc) if "." not in loc else f"--set {loc}=..."
         got = item.get("input")
-        line = f"  {loc} ({where}): {item['msg']}"
+        where = f" ({where})" if flags else ""
+        line = f"  {loc}{where}: {item['msg'].removeprefix('Value error, ')}"
         if item["type"] == "extra_forbidden":
-            known = ", ".join(sorted(cls.model_fields))
+            known = ", ".join(sorted(_section_fields(cls, item["loc"][:-1])))
             line += f"; remove it (known fields: {known})"
         elif item["type"] == "missing":
             line += "; give a value"
@@ -156,6 +232,21 @@ def format_validation_error(cls: type[BaseModel], error: ValidationError) -> str
             line += f"; expected: {field.description}"
         lines.append(line)
     return "\n".join(lines)
+
+
+def _section_fields(cls: type[BaseModel], loc: Sequence[Any]) -> list[str]:
+    # The field names of the (nested) section that ``loc`` leads to.
+    model: Any = cls
+    for key in loc:
+        field = model.model_fields.get(str(key)) if _is_model(model) else None
+        if field is None:
+            break
+        model = _unwrap_optional(field.annotation)
+    return list(model.model_fields) if _is_model(model) else list(cls.model_fields)
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def validate_config(cls: type[C], data: dict[str, Any]) -> C:
