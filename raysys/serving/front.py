@@ -147,6 +147,8 @@ class ServingFront:
         self.config = config or FrontConfig()
         self.on_handoff = on_handoff
         self.roles = policy.initial_roles(num_instances)
+        self.polls: dict[Any, int] = {}
+        self.ops: dict[Any, _Op] = {}
         self.actors = start_instances(spec, self.roles)
         self.alive = [True] * num_instances
         try:
@@ -162,10 +164,8 @@ class ServingFront:
             ) from e
         self.loads: list[EngineLoad] = [r.load for r in reports]
         self.pending: list[list[float]] = [[0, 0, 0.0, 0, 0] for _ in self.actors]
-        self.polls: dict[Any, int] = {}
         for i in range(num_instances):
             self._long_poll(i)
-        self.ops: dict[Any, _Op] = {}
         self.requests: dict[int, TrackedRequest] = {}
         self.flips: list[FlipEvent] = []
         self.num_instance_failures = 0
@@ -235,6 +235,16 @@ class ServingFront:
         record = RequestRecord(request_id, self.now(), len(prompt), max_new_tokens)
         tracked = TrackedRequest(record, list(prompt), max_new_tokens, ignore_eos)
         self.requests[request_id] = tracked
+        needed = len(prompt) + max_new_tokens
+        if needed > self.spec.kv_capacity_tokens:
+            # No instance could ever hold it: fail it alone, without retrying.
+            self._fail(
+                tracked,
+                f"needs {needed} KV tokens ({len(prompt)} prompt + "
+                f"{max_new_tokens} output), more than an instance's KV capacity "
+                f"of {self.spec.kv_capacity_tokens}",
+            )
+            return
         self._dispatch_prefill(tracked)
 
     def cancel(self, request_id: int) -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from raysys.runtime.config import format_validation_error
 from raysys.runtime.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -190,9 +191,11 @@ class LatencyProfile(BaseModel):
                 "LatencyProfile.save or pass a roofline preset name"
             )
         try:
-            return cls.model_validate_json(path.read_text())
+            return cls.model_validate_json(path.read_bytes())
         except ValidationError as e:
-            raise ConfigError(f"profile file {path} is invalid: {e}") from e
+            raise ConfigError(
+                f"profile file {path}: " + format_validation_error(cls, e, flags=False)
+            ) from e
 
 
 # -- fitting from measurements -------------------------------------------------

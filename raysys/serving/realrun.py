@@ -17,8 +17,10 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from raysys.runtime.errors import ConfigError
+from raysys.runtime.resources import require_resources
 from raysys.serving.batching import EngineConfig
-from raysys.serving.engine import measure_profile
+from raysys.serving.engine import EngineError, measure_profile
 from raysys.serving.front import FrontConfig, ServingFront
 from raysys.serving.instance import InstanceSpec, ModelSource
 from raysys.serving.metrics import FlipEvent, RequestRecord
@@ -85,12 +87,19 @@ def engine_profile(
     # TODO: measured in the driver (on CUDA when it has one); instances on
     # other hardware than the driver would need their own measurement.
     model = settings.source().model_copy(update={"device": "auto"}).build()
-    profile = measure_profile(
-        model,
-        settings.engine(),
-        kv_capacity_tokens=settings.kv_capacity_tokens,
-        name=f"tiny-llama-{settings.context_tokens}/measured",
-    )
+    try:
+        profile = measure_profile(
+            model,
+            settings.engine(),
+            kv_capacity_tokens=settings.kv_capacity_tokens,
+            name=f"tiny-llama-{settings.context_tokens}/measured",
+        )
+    except EngineError as e:
+        raise ConfigError(
+            f"measuring the engine's latency profile with a KV capacity of "
+            f"{settings.kv_capacity_tokens} tokens failed ({e}); give a larger KV "
+            "capacity or a profile file"
+        ) from e
     logger.info(
         "measured profile: prefill %.2e s/token + %.2e s/token^2 + %.3f s; decode "
         "%.2e s/batch token + %.2e s/seq + %.3f s",
@@ -119,7 +128,16 @@ def run_real(
     progress: Any = None,
     on_front: Callable[[ServingFront], None] | None = None,
 ) -> RealRunOutcome:
-    """Replay ``trace`` on ``num_instances`` actors under the named policy."""
+    """Replay ``trace`` on ``num_instances`` actors under the named policy.
+
+    Raises:
+        UnsatisfiableResources: the cluster can never hold the instances.
+    """
+    require_resources(
+        [{"CPU": settings.num_cpus, "GPU": settings.num_gpus}] * num_instances,
+        what=f"{num_instances} serving instances of {settings.num_cpus:g} CPU and "
+        f"{settings.num_gpus:g} GPU each",
+    )
     clipped, num_clipped = trace.clipped(settings.context_tokens)
     if num_clipped:
         logger.info(

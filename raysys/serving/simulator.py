@@ -61,6 +61,9 @@ from raysys.serving.trace import Trace
 
 logger = logging.getLogger(__name__)
 
+# Monitor ticks in a row over an idle pool above which the simulator skips them.
+IDLE_TICKS_TO_SKIP = 1000
+
 
 @dataclass
 class SimResult:
@@ -367,11 +370,30 @@ class Simulator:
 
     # -- the run ---------------------------------------------------------------
 
+    def _idle(self) -> bool:
+        return not any(
+            inst.busy or inst.prefill_queue or inst.running or inst.num_pending
+            for inst in self.instances
+        )
+
     def _monitor(self) -> None:
-        for flip in self.policy.monitor(self._states(), self.now):
+        flips = self.policy.monitor(self._states(), self.now)
+        for flip in flips:
             self._apply(flip)
-        if self.num_finished < self.num_requests:
-            self._at(self.now + self.policy.monitor_interval_s, self._monitor)
+        if self.num_finished >= self.num_requests:
+            return
+        interval = self.policy.monitor_interval_s
+        next_tick = self.now + interval
+        # A monitor acts on load, and an idle pool has none: once a tick has
+        # seen the pool idle and flipped nothing, the ticks until the next
+        # event would see the same and do the same. Over a long quiet gap (a
+        # trace with hours between two requests) they are skipped, to the
+        # first tick at or after the next event; short gaps tick as usual.
+        if not flips and self.events and self._idle():
+            ticks = (self.events[0][0] - self.now) / interval
+            if ticks > IDLE_TICKS_TO_SKIP:
+                next_tick = self.now + math.ceil(ticks) * interval
+        self._at(next_tick, self._monitor)
 
     def run(self, trace: Trace, rate_scale: float = 1.0) -> SimResult:
         """Replay ``trace`` with arrivals ``rate_scale`` times faster."""

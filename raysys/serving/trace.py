@@ -10,8 +10,9 @@ output length (both in tokens). Two public formats are read:
   ``input_length``, ``output_length``), as released with Mooncake (FAST'25).
 
 Rows that cannot be read (a missing or non-numeric field, a length below one,
-a timestamp that goes backwards) are skipped, counted and reported with their
-line numbers, so one bad row never loses the rest of a trace.
+an unreadable timestamp) are skipped, counted and reported with their line
+numbers, so one bad row never loses the rest of a trace. Rows out of time order
+are kept and sorted into arrival order (counted as ``num_reordered``).
 
 `generate_shifting_trace` builds a synthetic trace whose prompt/output mix moves
 between prompt-heavy and output-heavy phases, the situation in which a fixed
@@ -37,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 # How many malformed rows are kept verbatim in a trace's report.
 MAX_MALFORMED_EXAMPLES = 20
+# Latest arrival a replay takes (seconds from the start; about 30,000 years).
+MAX_ARRIVAL_S = 1e12
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class Trace:
     requests: list[TraceRequest]
     num_malformed: int = 0
     malformed: list[MalformedRow] = field(default_factory=list)
+    num_reordered: int = 0  # rows that came earlier in time than a row above
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -112,6 +116,12 @@ class Trace:
         requests = [
             replace(r, arrival_s=r.arrival_s / rate_scale) for r in self.requests
         ]
+        if requests and requests[-1].arrival_s > MAX_ARRIVAL_S:
+            raise ConfigError(
+                f"rate scale {rate_scale!r} spreads the trace over "
+                f"{requests[-1].arrival_s:.3g} s; past {MAX_ARRIVAL_S:.0e} s a "
+                "clock in seconds cannot resolve a millisecond: give a larger scale"
+            )
         return replace(self, requests=requests)
 
     def head(self, num_requests: int | None) -> Trace:
@@ -150,6 +160,7 @@ class Trace:
         return {
             "num_requests": len(self.requests),
             "num_malformed": self.num_malformed,
+            "num_reordered": self.num_reordered,
             "duration_s": self.duration_s,
             "mean_rate_rps": self.mean_rate_rps,
             "mean_prompt_tokens": float(prompts.mean()),
@@ -165,6 +176,7 @@ class _Collector:
         self.rows: list[tuple[float, int, int]] = []
         self.malformed: list[MalformedRow] = []
         self.num_malformed = 0
+        self.num_reordered = 0
         self.last_time: float | None = None
 
     def skip(self, line: int, reason: str) -> None:
@@ -183,15 +195,19 @@ class _Collector:
             self.skip(line, f"timestamp {time_s!r} is not finite")
             return
         if self.last_time is not None and time_s < self.last_time:
-            self.skip(
-                line,
-                f"timestamp goes backwards ({time_s:.6f} s after {self.last_time:.6f} s)",
-            )
-            return
-        self.last_time = time_s
+            self.num_reordered += 1
+        else:
+            self.last_time = time_s
         self.rows.append((time_s, prompt_tokens, output_tokens))
 
     def trace(self) -> Trace:
+        if self.num_reordered:
+            logger.warning(
+                "trace %s: %d row(s) out of time order; sorted into arrival order",
+                self.name,
+                self.num_reordered,
+            )
+            self.rows.sort(key=lambda row: row[0])  # stable: ties keep file order
         start = self.rows[0][0] if self.rows else 0.0
         requests = [
             TraceRequest(i, t - start, p, o) for i, (t, p, o) in enumerate(self.rows)
@@ -209,7 +225,13 @@ class _Collector:
                 f"trace {self.name} holds no readable request "
                 f"({self.num_malformed} malformed rows); check the file's format"
             )
-        return Trace(self.name, requests, self.num_malformed, self.malformed)
+        return Trace(
+            self.name,
+            requests,
+            self.num_malformed,
+            self.malformed,
+            self.num_reordered,
+        )
 
 
 def _positive_int(value: object, what: str) -> int:
@@ -219,13 +241,21 @@ def _positive_int(value: object, what: str) -> int:
         raise ValueError(f"{what} {value!r} is not a number")
     try:
         number = float(value)
+    except OverflowError as e:
+        raise ValueError(f"{what} {_short(value)} is too large") from e
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{what} {value!r} is not a number") from e
+        raise ValueError(f"{what} {_short(value)} is not a number") from e
     if not math.isfinite(number) or number != int(number):
-        raise ValueError(f"{what} {value!r} is not a whole number")
+        raise ValueError(f"{what} {_short(value)} is not a whole number")
     if number < 1:
-        raise ValueError(f"{what} {value!r} is below 1")
+        raise ValueError(f"{what} {_short(value)} is below 1")
     return int(number)
+
+
+def _short(value: object, limit: int = 40) -> str:
+    # The value as a row's reason quotes it, cut to a readable length.
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _azure_time_s(text: str) -> float:
@@ -294,8 +324,13 @@ def read_mooncake_jsonl(path: str | Path) -> Trace:
     """
     path = _existing(path)
     collector = _Collector(path.name)
-    with path.open() as f:
-        for line, text in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                collector.skip(line, f"not UTF-8 (byte {e.start})")
+                continue
             if not text.strip():
                 continue
             try:
@@ -303,15 +338,23 @@ def read_mooncake_jsonl(path: str | Path) -> Trace:
             except json.JSONDecodeError as e:
                 collector.skip(line, f"not JSON: {e.msg}")
                 continue
+            except RecursionError:
+                collector.skip(line, "not JSON: nested too deeply")
+                continue
             if not isinstance(row, dict):
                 collector.skip(line, f"a JSON {type(row).__name__}, not an object")
                 continue
             stamp = row.get("timestamp")
             if isinstance(stamp, bool) or not isinstance(stamp, int | float):
-                collector.skip(line, f"timestamp {stamp!r} is not a number")
+                collector.skip(line, f"timestamp {_short(stamp)} is not a number")
+                continue
+            try:
+                time_s = stamp / 1000.0
+            except OverflowError:
+                collector.skip(line, f"timestamp {_short(stamp)} is too large")
                 continue
             collector.add(
-                line, stamp / 1000.0, row.get("input_length"), row.get("output_length")
+                line, time_s, row.get("input_length"), row.get("output_length")
             )
     return collector.trace()
 
@@ -336,6 +379,8 @@ def load_trace(path: str | Path) -> Trace:
 
 def _existing(path: str | Path) -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"trace file {str(path)!r} is a folder; give a trace file")
     if not path.is_file():
         raise ConfigError(f"trace file {str(path)!r} does not exist; give its path")
     return path

@@ -138,6 +138,19 @@ def test_whole_decode_pool_flipped_away_and_back_loses_nothing(
     assert all(r.handoff for r in records[12:])
 
 
+def test_request_beyond_the_kv_capacity_fails_alone_at_once(arrow_front, model):
+    front = arrow_front
+    good = prompt(40, seed=40)
+    too_long = prompt(SPEC.kv_capacity_tokens - NEW_TOKENS + 1, seed=41)
+    front.submit(500, too_long, NEW_TOKENS, ignore_eos=True)
+    front.submit(501, good, NEW_TOKENS, ignore_eos=True)
+    bad = front.requests[500].record
+    assert bad.failed and bad.num_retries == 0
+    assert "needs 8193 KV tokens" in bad.error and "capacity of 8192" in bad.error
+    assert front.run_until_idle(60)
+    assert front.outputs()[501] == expected_outputs(model, [good])[0]
+
+
 def test_cancelled_request_frees_its_kv_everywhere(arrow_front, model):
     front = arrow_front
     long_prompts = [prompt(100, seed=300 + k) for k in range(4)]

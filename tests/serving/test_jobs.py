@@ -49,6 +49,10 @@ def test_serve_trace_sim_writes_report_and_plot(tmp_path):
     report = json.loads(out.read_text())
     assert report["num_requests"] == 40
     assert report["num_malformed"] == 1
+    assert report["malformed_rows"] == [
+        {"line": 42, "reason": "prompt length 'oops' is not a number"}
+    ]
+    assert report["num_reordered"] == 0
     assert report["num_completed"] + report["num_failed"] == 40
     assert report["policy"] == "static 3P"
     assert report["num_role_flips"] == 0
@@ -69,6 +73,30 @@ def test_serve_trace_rejects_bad_flags(tmp_path, capsys):
     assert code == 2
     assert "num_prefill < 4" in capsys.readouterr().err
     assert job.run_job(job.ServeTraceConfig, job.run, ["--rate-scale", "0"]) == 2
+    assert job.run_job(job.ServeTraceConfig, job.run, ["--rate-scale", "inf"]) == 2
+    assert "finite" in capsys.readouterr().err
+    argv = ["--policy", "arrow", "--num-prefill", "2"]
+    assert job.run_job(job.ServeTraceConfig, job.run, argv) == 2
+    assert "--num-prefill applies to --policy static only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["folder", "under a file", "no name"])
+def test_serve_trace_refuses_an_unwritable_out_before_any_work(tmp_path, capsys, kind):
+    job = load_job("serve_trace")
+    (tmp_path / "afile").write_text("")
+    out = {
+        "folder": str(tmp_path),
+        "under a file": str(tmp_path / "afile" / "report.json"),
+        "no name": "",
+    }[kind]
+    trace = tmp_path / "azure.csv"
+    trace.write_text(AZURE_ROWS)
+    argv = ["--trace", str(trace), "--out", out]
+    assert job.run_job(job.ServeTraceConfig, job.run, argv) == 2
+    err = capsys.readouterr().err
+    assert "out (--out): output file" in err
+    # Nothing was written: no report, no plot, no temporary file.
+    assert sorted(tmp_path.iterdir()) == sorted([tmp_path / "afile", trace])
 
 
 def test_bench_simulation_reports_goodput_per_policy(tmp_path):

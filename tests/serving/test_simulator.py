@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from raysys.runtime.errors import ConfigError
+from raysys.serving import simulator
 from raysys.serving.batching import EngineConfig
 from raysys.serving.policy import (
     ArrowPolicy,
@@ -212,6 +213,38 @@ def test_policies_complete_every_request_of_a_shifting_trace():
         for r in result.records:
             assert r.ttft_s >= PROFILE.prefill_time_s(r.prompt_tokens) - 1e-9
             assert r.finish_s >= r.first_token_s
+
+
+def test_a_long_quiet_gap_is_skipped_without_changing_the_replay(monkeypatch):
+    # Bursts with a 5000 s pause between them: the monitor's idle ticks over the
+    # pause are skipped; ticking through every one of them gives the same replay.
+    burst = [(0.01 * i, 3000, 40) for i in range(30)]
+    trace = trace_of(*burst, *((5000.0 + t, p, o) for t, p, o in burst))
+
+    def replay():
+        result = simulate(
+            lambda: ArrowPolicy(PROFILE, SLO), PROFILE, trace, num_instances=4
+        )
+        return [
+            (r.first_token_s, r.finish_s, r.prefill_instance, r.decode_instance)
+            for r in result.records
+        ], [(f.time_s, f.instance_id, f.to_role) for f in result.flips]
+
+    skipped = replay()
+    monkeypatch.setattr(simulator, "IDLE_TICKS_TO_SKIP", 10**9)
+    assert replay() == skipped
+    assert skipped[1]  # the bursts do flip roles, so the monitor matters here
+
+
+def test_a_trace_spanning_centuries_replays_at_once():
+    trace = trace_of((0.0, 100, 5), (3e9, 100, 5), (6e9, 100, 5))
+    result = simulate(
+        lambda: ArrowPolicy(PROFILE, SLO), PROFILE, trace, num_instances=2
+    )
+    assert all(r.completed for r in result.records)
+    assert result.records[2].first_token_s == pytest.approx(
+        6e9 + PROFILE.prefill_time_s(100), rel=1e-12
+    )
 
 
 def test_headroom_of_alternating_phases_matches_the_fluid_bound():

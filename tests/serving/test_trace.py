@@ -36,29 +36,49 @@ def test_azure_reader_keeps_good_rows_and_counts_malformed(tmp_path):
     path.write_text(AZURE_ROWS)
     trace = read_azure_csv(path)
 
+    t_early = datetime(2023, 11, 16, 18, 15, 40).timestamp()
     t0 = datetime(2023, 11, 16, 18, 15, 46).timestamp() + 0.68059
     t1 = datetime(2023, 11, 16, 18, 15, 50).timestamp() + 0.995169
     t2 = datetime(2023, 11, 16, 18, 15, 53).timestamp() + 0.1
+    # Line 9 comes earlier in time than the rows above it: kept, sorted first.
     assert [(r.prompt_tokens, r.output_tokens) for r in trace.requests] == [
+        (10, 10),
         (374, 44),
         (396, 109),
         (879, 55),
     ]
     assert [r.arrival_s for r in trace.requests] == pytest.approx(
-        [0.0, t1 - t0, t2 - t0], abs=1e-6
+        [0.0, t0 - t_early, t1 - t_early, t2 - t_early], abs=1e-6
     )
-    assert [r.request_id for r in trace.requests] == [0, 1, 2]
+    assert [r.request_id for r in trace.requests] == [0, 1, 2, 3]
+    assert trace.num_reordered == 1
     # Lines 4 (non-numeric), 5 (missing field), 6 (bad time), 7 (zero prompt),
-    # 8 (fractional), 9 (time goes backwards).
-    assert trace.num_malformed == 6
-    assert [m.line for m in trace.malformed] == [4, 5, 6, 7, 8, 9]
+    # 8 (fractional).
+    assert trace.num_malformed == 5
+    assert [m.line for m in trace.malformed] == [4, 5, 6, 7, 8]
     reasons = [m.reason for m in trace.malformed]
     assert "not a number" in reasons[0]
     assert "fields" in reasons[1]
     assert "timestamp" in reasons[2]
     assert "below 1" in reasons[3]
     assert "whole number" in reasons[4]
-    assert "backwards" in reasons[5]
+
+
+def test_one_row_far_ahead_in_time_loses_no_other_row(tmp_path):
+    rows = AZURE_ROWS.splitlines()
+    rows.insert(2, "2099-11-16 18:15:50.0,100,44")
+    path = tmp_path / "azure.csv"
+    path.write_text("\n".join(rows) + "\n")
+    trace = read_azure_csv(path)
+    assert [(r.prompt_tokens, r.output_tokens) for r in trace.requests] == [
+        (10, 10),
+        (374, 44),
+        (396, 109),
+        (879, 55),
+        (100, 44),
+    ]
+    assert trace.num_reordered == 3  # the three rows after it, by file order
+    assert trace.num_malformed == 5
 
 
 def test_azure_reader_counts_a_stray_quote_and_bad_bytes_as_their_own_rows(tmp_path):
@@ -111,11 +131,35 @@ def test_mooncake_reader_converts_ms_and_counts_malformed(tmp_path):
     assert [m.line for m in trace.malformed] == [3, 4, 5, 6]
 
 
+def test_mooncake_reader_counts_bad_bytes_and_huge_numbers_as_their_own_rows(
+    tmp_path,
+):
+    huge = "1" + "0" * 400  # an int JSON reads but a float cannot hold
+    path = tmp_path / "trace.jsonl"
+    path.write_bytes(
+        b'{"timestamp": 0, "input_length": 5, "output_length": 2}\n'
+        b'{"timestamp": 1, "input_length": 5, "output_length": 2, "x": "\xff"}\n'
+        + f'{{"timestamp": 2, "input_length": {huge}, "output_length": 2}}\n'.encode()
+        + f'{{"timestamp": {huge}, "input_length": 5, "output_length": 2}}\n'.encode()
+        + b'{"timestamp": 3, "input_length": 7, "output_length": 1}\n'
+    )
+    trace = read_mooncake_jsonl(path)
+    assert [(r.arrival_s, r.prompt_tokens) for r in trace] == [(0.0, 5), (0.003, 7)]
+    assert [m.line for m in trace.malformed] == [2, 3, 4]
+    reasons = [m.reason for m in trace.malformed]
+    assert "UTF-8" in reasons[0]
+    assert "too large" in reasons[1] and len(reasons[1]) < 100
+    assert "too large" in reasons[2]
+
+
 def test_load_trace_dispatches_on_extension(tmp_path):
     with pytest.raises(ConfigError, match="extension"):
         load_trace(tmp_path / "trace.parquet")
     with pytest.raises(ConfigError, match="does not exist"):
         load_trace(tmp_path / "missing.csv")
+    (tmp_path / "folder.csv").mkdir()
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_trace(tmp_path / "folder.csv")
 
 
 def test_trace_of_only_malformed_rows_is_an_error(tmp_path):
@@ -138,7 +182,7 @@ def test_rate_scaling_divides_arrivals(tmp_path, scale):
     assert [r.prompt_tokens for r in scaled] == [r.prompt_tokens for r in trace]
 
 
-@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf"), 1e-300])
 def test_rate_scaling_rejects_bad_factors(tmp_path, scale):
     path = tmp_path / "azure.csv"
     path.write_text(AZURE_ROWS)
@@ -150,8 +194,10 @@ def test_clipping_to_a_context_counts_cut_requests(tmp_path):
     path = tmp_path / "azure.csv"
     path.write_text(AZURE_ROWS)
     trace, num_clipped = read_azure_csv(path).clipped(400)
-    # (374, 44) -> (374, 26); (396, 109) -> (396, 4); (879, 55) -> (399, 1)
+    # (10, 10) fits; (374, 44) -> (374, 26); (396, 109) -> (396, 4);
+    # (879, 55) -> (399, 1)
     assert [(r.prompt_tokens, r.output_tokens) for r in trace] == [
+        (10, 10),
         (374, 26),
         (396, 4),
         (399, 1),
