@@ -247,7 +247,6 @@ class MoEEngine:
     def __init__(self, config: MoEEngineConfig) -> None:
         self.config = config
         torch.set_num_threads(config.num_threads)
-        init_ray()
         self.tokenizer = ByteTokenizer()
         self.draft, self.target = self._load_pair(config)
         c = self.target.config
@@ -266,6 +265,7 @@ class MoEEngine:
                 f"{self.capacity} experts < {self.num_layers} layers; give at least "
                 f"{self.num_layers} experts or another policy"
             )
+        init_ray()  # after every check that needs no cluster
         self.pool = ExpertHostPool(
             store_uri,
             c,
@@ -538,6 +538,14 @@ class MoEEngine:
         self._check_budget(max_new_tokens)
         if not prompts:
             raise ConfigError("no prompts given; pass at least one prompt")
+        for i, p in enumerate(prompts):  # every prompt is checked before any work
+            try:
+                self.tokenizer.encode(p)
+            except UnicodeEncodeError as e:
+                raise ConfigError(
+                    f"prompt {i} holds {p[e.start]!r} at character {e.start}, which "
+                    f"UTF-8 cannot encode ({e.reason})"
+                ) from e
         restarts = sum(self.pool.num_replacements)
         runs = [
             self.run_sequence(p, max_new_tokens, seed=self.config.seed + i)

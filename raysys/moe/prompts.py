@@ -69,6 +69,14 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
                 f"{path}:{number}: expected an object with a 'prompt' string or a "
                 "'turns' list of strings"
             )
+        try:
+            prompts[-1].encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ConfigError(
+                f"{path}:{number}: the prompt holds {prompts[-1][e.start]!r} at "
+                f"character {e.start}, which UTF-8 cannot encode ({e.reason}); "
+                "fix or drop that line"
+            ) from e
         if limit is not None and len(prompts) >= limit:
             break
     if not prompts:

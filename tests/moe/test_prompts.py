@@ -41,6 +41,10 @@ def test_bad_prompt_files_name_the_file_and_the_problem(tmp_path):
     no_field.write_text('{"question": "a"}\n')
     with pytest.raises(ConfigError, match="nofield.jsonl:1: expected an object"):
         load_prompts(no_field)
+    surrogate = tmp_path / "surrogate.jsonl"
+    surrogate.write_text('{"prompt": "ok"}\n{"prompt": "lone \\ud800 surrogate"}\n')
+    with pytest.raises(ConfigError, match="surrogate.jsonl:2: the prompt holds"):
+        load_prompts(surrogate)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
     with pytest.raises(ConfigError, match="holds no prompts"):
