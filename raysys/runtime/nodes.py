@@ -238,15 +238,21 @@ def plan_provider(
             "after `--` (the launcher sets $RAY_HEAD_IP)"
         )
     name = provider_name(name, env)
-    _, given_gpus = _split_option(list(args), "--num-gpus")
+    args, given_gpus = _split_option(args, "--num-gpus")
     if num_gpus is not None:
         gpus = num_gpus
     elif given_gpus:
         gpus = float(given_gpus[-1])
     else:
         gpus = detect_num_gpus()
-    if gpus < 0:
-        raise ConfigError(f"--num-gpus {gpus:g} is negative; give the GPUs to lend")
+    if gpus < 0 or gpus != int(gpus):
+        raise ConfigError(
+            f"--num-gpus {gpus:g} is not a whole number >= 0; give the GPUs to lend"
+        )
+    if num_gpus is not None or given_gpus:
+        # Ray's own GPU count follows the GPUs lent (left alone, Ray counts
+        # every GPU it finds, lent or not).
+        args.append(f"--num-gpus={gpus:g}")
     args, resources = _split_option(args, "--resources")
     args, labels = _split_option(args, "--labels")
     ours = {

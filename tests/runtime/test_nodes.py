@@ -130,3 +130,13 @@ def test_cli_dry_run_prints_the_command(capsys, monkeypatch):
     out = capsys.readouterr().out.strip()
     assert out.startswith("RAY_AUTH_MODE=token ")
     assert "--labels=raysys.io/provider=lab-9" in out
+    assert out.count("--num-gpus") == 1 and " --num-gpus=1 " in out + " "
+
+
+def test_provider_passes_the_gpus_it_lends_to_ray():
+    plan = nodes.plan_provider(
+        ["--address=h:6379", "--num-gpus=4"], num_gpus=2, environ=WITH_TOKEN
+    )
+    assert [a for a in plan.argv if a.startswith("--num-gpus")] == ["--num-gpus=2"]
+    with pytest.raises(ConfigError, match="whole number"):
+        nodes.plan_provider(["--address=h:6379"], num_gpus=0.5, environ=WITH_TOKEN)
