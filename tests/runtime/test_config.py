@@ -1,9 +1,10 @@
+from pathlib import Path
 from typing import Literal
 
 import pytest
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from raysys.runtime.config import Config, load_config
+from raysys.runtime.config import Config, OutputDir, OutputFile, load_config
 from raysys.runtime.errors import ConfigError
 
 
@@ -84,3 +85,63 @@ def test_bad_nested_value_points_to_set():
         load_config(Sample, ["--set", "nested.depth=0"])
     assert "nested.depth" in str(info.value)
     assert "--set nested.depth" in str(info.value)
+
+
+def test_unknown_nested_key_lists_that_sections_fields():
+    with pytest.raises(ConfigError) as info:
+        load_config(Sample, ["--set", "nested.deep=1"])
+    assert "(known fields: depth)" in str(info.value)
+
+
+def test_infinite_numbers_are_refused():
+    with pytest.raises(ConfigError, match="finite number"):
+        load_config(Sample, ["--rtol", "inf"])
+
+
+class Paired(Config):
+    low: int = 1
+    high: int = 2
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.low > self.high:
+            raise ValueError(f"low={self.low} exceeds high={self.high}")
+        return self
+
+
+def test_check_across_fields_prints_its_message_alone():
+    with pytest.raises(ConfigError) as info:
+        load_config(Paired, ["--low", "5"])
+    assert str(info.value) == "invalid Paired:\n  low=5 exceeds high=2"
+
+
+def test_config_file_that_is_a_folder_or_not_text(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(Sample, ["--config", str(tmp_path)])
+    path = tmp_path / "bin.yaml"
+    path.write_bytes(b"rtol: \xff\n")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(Sample, ["--config", str(path)])
+
+
+class Outputs(Config):
+    out: OutputFile = Path("out/report.json")
+    folder: OutputDir = Path("out/run")
+
+
+def test_output_paths_are_checked_up_front(tmp_path):
+    (tmp_path / "afile").write_text("")
+    good = load_config(
+        Outputs,
+        ["--out", str(tmp_path / "new" / "r.json"), "--folder", str(tmp_path / "d")],
+    )
+    assert good.out == tmp_path / "new" / "r.json"
+    assert not (tmp_path / "new").exists()  # checked, not created
+    bad = {
+        "--out": [str(tmp_path), "", str(tmp_path / "afile" / "r.json")],
+        "--folder": [str(tmp_path / "afile"), str(tmp_path / "afile" / "sub")],
+    }
+    for flag, values in bad.items():
+        for value in values:
+            with pytest.raises(ConfigError, match=flag):
+                load_config(Outputs, [flag, value])
