@@ -43,6 +43,7 @@ from tqdm import tqdm
 from raysys.runtime import Config, run_job
 from raysys.runtime.config import OutputDir
 from raysys.runtime.errors import ClusterError, RaysysError, RemoteTimeout
+from raysys.sharing.store import StoreLocation
 
 logger = logging.getLogger("campus")
 
@@ -68,7 +69,7 @@ class CampusConfig(Config):
         None,
         description="prompts in JSON lines ('prompt' or 'turns'); default: built-in",
     )
-    store: str | None = Field(
+    store: StoreLocation | None = Field(
         None, description="checkpoint store folder or URI (default: under --out)"
     )
     providers: int = Field(

@@ -27,12 +27,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from raysys.runtime import Config, Report, run_job
-from raysys.runtime.config import OutputFile
+from raysys.runtime.config import OutputFile, check_plot_path
 from raysys.runtime.errors import ClusterError, RaysysError, RemoteTimeout
 from raysys.sharing.localpool import LocalPool
+from raysys.sharing.store import StoreLocation
 
 logger = logging.getLogger("sharing_demo")
 
@@ -48,7 +49,7 @@ class DemoConfig(Config):
     plot: OutputFile | None = Field(
         None, description="PNG path (default: the report's path with .png)"
     )
-    store: str | None = Field(
+    store: StoreLocation | None = Field(
         None,
         description="checkpoint store directory or URI (default: a fresh directory "
         "next to the report)",
@@ -73,6 +74,11 @@ class DemoConfig(Config):
     timeout_s: float = Field(
         900.0, gt=0, description="bound on the whole demo, seconds"
     )
+
+    @model_validator(mode="after")
+    def _plot_path(self) -> DemoConfig:
+        check_plot_path(self.out, self.plot)
+        return self
 
 
 class MigrationRow(BaseModel):
@@ -283,7 +289,7 @@ def main(cfg: DemoConfig) -> DemoReport:
             same = got == ref_state
         if not same:
             mismatched.append(wid)
-    plot_path = cfg.plot or cfg.out.with_suffix(".png")
+    plot_path = check_plot_path(cfg.out, cfg.plot)
     plot_losses(
         {w: r for w, r in results.items() if w in losses_ref},
         losses_ref,

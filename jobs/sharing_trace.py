@@ -27,10 +27,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from raysys.runtime import Config, Report, run_job
-from raysys.runtime.config import OutputFile
+from raysys.runtime.config import OutputFile, check_plot_path
+from raysys.runtime.errors import ConfigError
 from raysys.runtime.ray_env import PROJECT_ROOT
 from raysys.sharing.simulation import (
     POLICIES,
@@ -125,6 +126,16 @@ class TraceConfig(Config):
             raise ValueError("give one or more GPU counts, each >= 1")
         return value
 
+    @model_validator(mode="after")
+    def _check(self) -> TraceConfig:
+        check_plot_path(self.out, self.plot)
+        if self.labs > self.providers:
+            raise ValueError(
+                f"--labs {self.labs} exceeds --providers {self.providers}: every "
+                "lab owns at least one provider"
+            )
+        return self
+
 
 class PolicyResult(BaseModel):
     policy: PolicyName
@@ -197,6 +208,11 @@ def plot_timeline(results: list[SimResult], path: Path) -> Path:
 def main(cfg: TraceConfig) -> TraceReport:
     started = time.perf_counter()
     trace = load_gpu_jobs(cfg.jobs, max_duration_s=cfg.max_duration_s)
+    if not trace.jobs:
+        raise ConfigError(
+            f"job trace {str(cfg.jobs)!r} has no usable row ({trace.num_rows} rows; "
+            f"skipped: {dict(trace.skipped) or 'none'})"
+        )
     series, series_skipped = load_availability(cfg.availability)
     logger.info(
         "trace: %d rows, %d usable, %d skipped %s; %d availability series",
@@ -257,7 +273,7 @@ def main(cfg: TraceConfig) -> TraceReport:
             sim.interactive_wait_p50_s,
             elapsed,
         )
-    plot_path = cfg.plot or cfg.out.with_suffix(".png")
+    plot_path = check_plot_path(cfg.out, cfg.plot)
     plot_timeline(sims, plot_path)
     report = TraceReport(
         jobs_file=str(cfg.jobs),

@@ -86,6 +86,30 @@ def check_output_dir(path: Path) -> Path:
     return path
 
 
+# Suffixes matplotlib writes that a plot path may have.
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def check_plot_path(report: Path, plot: Path | None) -> Path:
+    """The plot path of a job writing ``report``: ``plot``, or the report's path
+    with ``.png``. It must be an image path other than the report's.
+
+    Raises:
+        ValueError: the plot would overwrite the report, or is no image.
+    """
+    path = plot if plot is not None else report.with_suffix(".png")
+    if path.suffix.lower() not in PLOT_SUFFIXES:
+        raise ValueError(
+            f"plot path {str(path)!r} does not end in one of {', '.join(PLOT_SUFFIXES)}"
+        )
+    if path.resolve() == report.resolve():
+        raise ValueError(
+            f"the plot and the report would both be written to {str(path)!r}; give "
+            "the report a .json path (or the plot another path)"
+        )
+    return path
+
+
 # Field types of job outputs: bad paths fail with the config, not after the run.
 OutputFile = Annotated[Path, AfterValidator(check_output_file)]
 OutputDir = Annotated[Path, AfterValidator(check_output_dir)]

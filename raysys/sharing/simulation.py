@@ -40,11 +40,13 @@ import logging
 import math
 import random
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
 import numpy as np
 
+from raysys.runtime.errors import ConfigError
 from raysys.sharing.metrics import SharingMetrics
 from raysys.sharing.policy import (
     MigrationAction,
@@ -195,6 +197,7 @@ class Simulation:
             self.jobs[job.name] = _Job(job, request, arrival)
             self._push(arrival, _Ev.ARRIVAL, job.name)
         self.horizon = last + settings.tail_s
+        _check_event_counts(self.horizon, series, settings)
         for k in range(len(series)):
             self._push(0.0, _Ev.CHURN, (k, 0))
         t = 0.0
@@ -414,6 +417,38 @@ class Simulation:
                 s.gpus_in_use / s.gpus_lent if s.gpus_lent else 0.0 for s in timeline
             ],
             timeline_gpus_lent=[s.gpus_lent for s in timeline],
+        )
+
+
+# Bounds on the events one replay schedules: past them a run would take hours
+# and most of the memory, from settings that are almost surely a mistake.
+MAX_TIMELINE_SAMPLES = 200_000
+MAX_CHURN_STEPS = 5_000_000
+
+
+def _check_event_counts(
+    horizon_s: float, series: Sequence[AvailabilitySeries], settings: SimSettings
+) -> None:
+    """Refuse a replay whose timeline or churn would need too many events.
+
+    Raises:
+        ConfigError: the sample spacing, the horizon or a series' gap is off.
+    """
+    samples = horizon_s / settings.sample_every_s
+    if not math.isfinite(samples) or samples > MAX_TIMELINE_SAMPLES:
+        raise ConfigError(
+            f"a horizon of {horizon_s:.3g} s sampled every "
+            f"{settings.sample_every_s:g} s needs {samples:.3g} timeline samples "
+            f"(at most {MAX_TIMELINE_SAMPLES:,}); raise sample_every_s, or shorten "
+            "the horizon (tail_s, arrival_speedup, max_gap_s)"
+        )
+    steps = sum(horizon_s / s.gap_s for s in series)
+    if not math.isfinite(steps) or steps > MAX_CHURN_STEPS:
+        raise ConfigError(
+            f"a horizon of {horizon_s:.3g} s needs {steps:.3g} availability steps "
+            f"over {len(series)} series (at most {MAX_CHURN_STEPS:,}); shorten the "
+            "horizon (tail_s, arrival_speedup, max_gap_s) or use series with "
+            "longer gaps"
         )
 
 

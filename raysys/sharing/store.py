@@ -60,10 +60,13 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
 import pyarrow.fs as pafs
+from pydantic import AfterValidator
 
+from raysys.runtime.config import check_output_dir
 from raysys.runtime.errors import ConfigError, RaysysError
 from raysys.sharing.names import check_name
 from raysys.sharing.state_codec import (
@@ -125,6 +128,18 @@ def _checkpoint_id(step: int, incarnation: int) -> str:
     return f"ckpt-{step:012d}-{incarnation:04d}"
 
 
+def _check_local_location(uri: str) -> str:
+    # A config field's check: a local store must be a folder or creatable; a
+    # URI is opened when the store is (that may need the network).
+    if "://" not in uri:
+        check_output_dir(Path(uri))
+    return uri
+
+
+# A config field naming a checkpoint store (folder or URI), checked up front.
+StoreLocation = Annotated[str, AfterValidator(_check_local_location)]
+
+
 def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """A `pyarrow.fs` filesystem and root path for a directory or URI.
 
@@ -141,6 +156,10 @@ def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
             "s3:// or gs:// URI"
         )
     if "://" not in uri:
+        try:
+            check_output_dir(Path(uri))
+        except ValueError as e:
+            raise ConfigError(f"checkpoint store: {e}") from e
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     if not uri.startswith(CLOUD_SCHEMES):
         raise ConfigError(

@@ -153,6 +153,10 @@ def _parse_job(
     return "", TraceJob(row["name"], created, duration, gpus, kind)
 
 
+# Shortest spacing of an availability series' counts (the real ones use 300 s).
+MIN_GAP_S = 1.0
+
+
 def load_availability(path: str | Path) -> tuple[list[AvailabilitySeries], Counter]:
     """Read one availability JSON, or every ``*.json`` in a directory.
 
@@ -177,10 +181,18 @@ def load_availability(path: str | Path) -> tuple[list[AvailabilitySeries], Count
             doc = json.loads(file.read_text())
             gap_s = float(doc["metadata"]["gap_seconds"])
             raw = doc["data"]
-            if gap_s <= 0 or not isinstance(raw, list):
-                raise ValueError("gap_seconds must be > 0 and data a list")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            skipped[f"unreadable series file ({e.__class__.__name__})"] += 1
+            if not (math.isfinite(gap_s) and gap_s >= MIN_GAP_S):
+                raise ValueError(
+                    f"gap_seconds {gap_s!r} is not a number >= {MIN_GAP_S:g}"
+                )
+            if not isinstance(raw, list):
+                raise ValueError("'data' is not a list of live counts")
+        except KeyError as e:
+            skipped[f"unreadable series file (no {e} field)"] += 1
+            continue
+        except (OSError, ValueError, TypeError) as e:
+            why = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+            skipped[f"unreadable series file ({e.__class__.__name__}: {why})"] += 1
             continue
         counts, previous = [], 0
         for value in raw:
@@ -194,5 +206,8 @@ def load_availability(path: str | Path) -> tuple[list[AvailabilitySeries], Count
             continue
         series.append(AvailabilitySeries(file.stem, gap_s, tuple(counts)))
     if not series:
-        raise ConfigError(f"no usable availability series under {str(path)!r}")
+        reasons = "; ".join(f"{n} x {why}" for why, n in skipped.most_common(5))
+        raise ConfigError(
+            f"no usable availability series under {str(path)!r}: {reasons}"
+        )
     return series, skipped

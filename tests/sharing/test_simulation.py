@@ -8,6 +8,7 @@ import json
 import pytest
 from support import shared_data
 
+from raysys.runtime.errors import ConfigError
 from raysys.sharing.simulation import SimSettings, Simulation
 from raysys.sharing.trace import AvailabilitySeries, TraceJob
 from raysys.sharing.workload import WorkloadKind
@@ -117,3 +118,41 @@ def test_real_traces_sharing_beats_static_and_restart(tmp_path):
     assert migrate["lost_gpu_hours"] < by["share-restart"]["lost_gpu_hours"]
     assert by["share-restart"]["migrations_succeeded"] == 0
     assert (tmp_path / "trace.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    "overrides, series_gap_s, complaint",
+    [
+        ({"sample_every_s": 0.01}, 1000.0, "timeline samples"),
+        ({"tail_s": 1e12}, 1000.0, "timeline samples"),
+        ({"tail_s": 1e8, "sample_every_s": 1e4}, 1.0, "availability steps"),
+    ],
+)
+def test_replays_needing_too_many_events_are_refused(
+    overrides, series_gap_s, complaint
+):
+    series = [AvailabilitySeries("pool", series_gap_s, (1, 1))]
+    with pytest.raises(ConfigError, match=complaint):
+        Simulation("share-migrate", JOB, series, one_provider(**overrides))
+
+
+def test_trace_job_refuses_clashing_plot_paths_and_more_labs_than_providers(
+    tmp_path,
+):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "jobs"))
+    import sharing_trace
+
+    def make(**fields):
+        return sharing_trace.TraceConfig(**{"out": tmp_path / "r.json", **fields})
+
+    assert make().out == tmp_path / "r.json"
+    for fields, complaint in [
+        ({"plot": tmp_path / "r.json"}, "does not end in one of"),
+        ({"out": tmp_path / "r.png"}, "would both be written"),
+        ({"labs": 11, "providers": 10}, "every lab owns at least one provider"),
+    ]:
+        with pytest.raises(ValueError, match=complaint):
+            make(**fields)

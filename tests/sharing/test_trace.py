@@ -66,11 +66,31 @@ def test_availability_from_a_file_or_a_directory(tmp_path):
     ]
     assert skipped["bad live count (kept the previous one)"] == 2
     assert skipped["series never has a live machine"] == 1
-    assert skipped["unreadable series file (JSONDecodeError)"] == 1
+    assert skipped["unreadable series file (JSONDecodeError: Expecting value)"] == 1
     single, _ = load_availability(tmp_path / "a.json")
     assert single[0].peak == 3
-    with pytest.raises(ConfigError, match="no usable availability"):
+    with pytest.raises(ConfigError, match="no usable availability") as info:
         load_availability(tmp_path / "b.json")
+    assert "1 x series never has a live machine" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "metadata, reason",
+    [
+        ('{"gap_seconds": NaN}', "gap_seconds nan is not a number >= 1"),
+        ('{"gap_seconds": Infinity}', "gap_seconds inf is not a number >= 1"),
+        ('{"gap_seconds": 1e-6}', "gap_seconds 1e-06 is not a number >= 1"),
+        ("{}", "no 'gap_seconds' field"),
+    ],
+)
+def test_availability_with_a_bad_gap_is_refused_with_its_reason(
+    tmp_path, metadata, reason
+):
+    path = tmp_path / "a.json"
+    path.write_text(f'{{"metadata": {metadata}, "data": [1, 2]}}')
+    with pytest.raises(ConfigError, match="no usable availability") as info:
+        load_availability(path)
+    assert reason in str(info.value)
 
 
 def test_broken_lines_cost_only_their_own_row(tmp_path):
