@@ -25,7 +25,7 @@ from raysys.runtime import local_cluster
 from raysys.runtime.config import build_parser, validate_config
 from raysys.runtime.entry import setup_logging
 from raysys.runtime.errors import ClusterError, ConfigError
-from raysys.runtime.ray_env import enable_token_auth
+from raysys.runtime.ray_env import check_reachable, enable_token_auth
 from raysys.sharing import cli as sharing_cli
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ def cmd_status(argv: Sequence[str]) -> int:
         return 1
     if state is not None and state.auth:
         enable_token_auth()
+    check_reachable(address)
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     try:
         for line in describe_cluster(state):

@@ -48,7 +48,12 @@ def load_cluster_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"cluster config {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"cluster config {path} is not UTF-8 text (byte {e.start}); give a "
+            "YAML file"
+        ) from e
     except yaml.YAMLError as e:
         raise ConfigError(f"cluster config {path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):

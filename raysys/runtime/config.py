@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import types
 import typing
 from collections.abc import Sequence
@@ -50,6 +51,13 @@ def _writable_place(path: Path, what: str) -> None:
         raise ValueError(
             f"{what} {str(path)!r} cannot be created: {str(probe)!r} is not writable"
         )
+    try:  # permissions say little to root or on special filesystems: try it
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as e:
+        raise ValueError(
+            f"{what} {str(path)!r} cannot be created: writing in {str(probe)!r} "
+            f"fails ({e.strerror or e})"
+        ) from e
 
 
 def check_output_file(path: Path) -> Path:

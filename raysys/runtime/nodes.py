@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shlex
@@ -245,7 +246,7 @@ def plan_provider(
         gpus = float(given_gpus[-1])
     else:
         gpus = detect_num_gpus()
-    if gpus < 0 or gpus != int(gpus):
+    if not math.isfinite(gpus) or gpus < 0 or gpus != int(gpus):
         raise ConfigError(
             f"--num-gpus {gpus:g} is not a whole number >= 0; give the GPUs to lend"
         )

@@ -17,6 +17,7 @@ import copy
 import functools
 import logging
 import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,10 @@ def _read_runtime_env(path: Path) -> dict[str, Any]:
             f"{path} is missing: raysys submits jobs from a checkout of the "
             "project, which holds jobs/runtime_env.yaml"
         )
-    env = yaml.safe_load(path.read_text()) or {}
+    try:
+        env = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path} is not a valid YAML runtime_env: {e}") from e
     excludes = env.get("excludes", []) if isinstance(env, dict) else None
     if not isinstance(excludes, list) or not all(isinstance(e, str) for e in excludes):
         raise ConfigError(
@@ -94,6 +98,27 @@ def enable_token_auth() -> None:
         pass
 
 
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when nothing answers at a ``HOST:PORT`` cluster address.
+
+    Ray itself retries an unreachable GCS for minutes. Addresses of another
+    form (``auto``, ``ray://...``) are left to Ray.
+
+    Raises:
+        ClusterError: no TCP connection to the address within ``timeout_s``.
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout_s).close()
+    except OSError as e:
+        raise ClusterError(
+            f"cannot reach a Ray cluster at {address}: {e}; check the address "
+            "(HOST:PORT of the head's GCS, 6379 by default) and that the head runs"
+        ) from e
+
+
 def init_ray(
     *,
     namespace: str = "raysys",
@@ -127,6 +152,7 @@ def init_ray(
     try:
         if address:
             logger.info("connecting to Ray at %s (%s)", address, mode)
+            check_reachable(address)
             ray.init(address=address, namespace=namespace, log_to_driver=True)
             return mode
         if os.environ.get("RAY_AUTH_MODE") != "disabled":

@@ -231,6 +231,11 @@ def submit_command(
             "no entrypoint: put the command after `--`, e.g. "
             "`raysys submit -- python jobs/<job>.py --out /tmp/report.json`"
         )
+    if not Path(working_dir).is_dir():
+        raise ConfigError(
+            f"working dir {str(working_dir)!r} is not a folder; give the project "
+            "checkout the job runs from"
+        )
     _check_entrypoint_script(entrypoint, Path(working_dir))
     from raysys.runtime.local_cluster import ray_executable
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -60,10 +61,11 @@ def _uses_auth(state: local_cluster.ClusterState | None) -> bool:
 def _connect(address: str, state: local_cluster.ClusterState | None) -> None:
     import ray
 
-    from raysys.runtime.ray_env import enable_token_auth
+    from raysys.runtime.ray_env import check_reachable, enable_token_auth
 
     if _uses_auth(state):
         enable_token_auth()
+    check_reachable(address)
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
 
 
@@ -108,9 +110,12 @@ def cmd_join(argv: Sequence[str]) -> int:
     )
     args = parser.parse_args(argv)
     name = check_name(args.name, "provider")
-    if args.gpus < 0:
-        raise ConfigError(f"--gpus must be >= 0, got {args.gpus}")
+    if not (math.isfinite(args.gpus) and args.gpus >= 0):
+        raise ConfigError(f"--gpus must be a number >= 0, got {args.gpus}")
     address, state = _resolve(args.address)
+    from raysys.runtime.ray_env import check_reachable
+
+    check_reachable(address)
     auth = _uses_auth(state)
     cluster_id = state.cluster_id if state else f"ext-{uuid.uuid4().hex[:8]}"
     node_ip = args.node_ip
@@ -182,8 +187,12 @@ def cmd_leave(argv: Sequence[str]) -> int:
     )
     args = parser.parse_args(argv)
     name = check_name(args.name, "provider")
-    if args.deadline is not None and args.deadline < 0:
-        raise ConfigError(f"--deadline must be >= 0 seconds, got {args.deadline}")
+    if args.deadline is not None and not (
+        math.isfinite(args.deadline) and args.deadline >= 0
+    ):
+        raise ConfigError(
+            f"--deadline must be a number of seconds >= 0, got {args.deadline}"
+        )
     address, state = _resolve(args.address)
 
     import ray

@@ -1,8 +1,9 @@
+import pytest
 import ray
 
 from raysys.runtime import init_ray
-from raysys.runtime.errors import RemoteTimeout
-from raysys.runtime.ray_env import bounded_get, project_runtime_env
+from raysys.runtime.errors import ClusterError, RemoteTimeout
+from raysys.runtime.ray_env import bounded_get, check_reachable, project_runtime_env
 
 
 def test_init_ray_reuses_the_session_cluster(ray_cluster):
@@ -42,3 +43,16 @@ def test_runtime_env_excludes_history_envs_and_data():
     env = project_runtime_env()
     for name in (".git", ".venv", "/data", "/out"):
         assert name in env["excludes"]
+
+
+def test_an_address_nothing_answers_on_fails_at_once():
+    import socket
+
+    with socket.socket() as sock:  # a port that was free a moment ago
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(
+        ClusterError, match=f"cannot reach a Ray cluster at 127.0.0.1:{port}"
+    ):
+        check_reachable(f"127.0.0.1:{port}")
+    check_reachable("auto")  # other forms are left to Ray

@@ -15,6 +15,7 @@ from raysys.runtime.ray_env import (
     PROJECT_ROOT,
     RUNTIME_ENV_EXCLUDES,
     RUNTIME_ENV_FILE,
+    load_runtime_env,
     project_runtime_env,
 )
 
@@ -165,6 +166,17 @@ def test_dry_run_prints_the_plain_ray_job_submit(capsys):
 def test_bad_entrypoints_fail_before_submitting(entrypoint, complaint):
     with pytest.raises(ConfigError, match=complaint):
         submit.submit_command(entrypoint, address="http://127.0.0.1:8265")
+
+
+def test_a_missing_working_dir_or_a_broken_runtime_env_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="working dir '/nonexistent' is not a folder"):
+        submit.submit_command(
+            ["python", "jobs/x.py"], address="a:1", working_dir="/nonexistent"
+        )
+    broken = tmp_path / "env.yaml"
+    broken.write_text("excludes: [a\n")
+    with pytest.raises(ConfigError, match="not a valid YAML runtime_env"):
+        load_runtime_env(broken)
 
 
 def test_address_and_auth_defaults(monkeypatch):
