@@ -37,13 +37,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from tqdm import tqdm
 
 from raysys.runtime import Config, run_job
-from raysys.runtime.config import OutputDir
+from raysys.runtime.config import OutputDir, format_validation_error
 from raysys.runtime.errors import ClusterError, RaysysError, RemoteTimeout
+from raysys.serving.policy import ArrowConfig
 from raysys.sharing.store import StoreLocation
+from raysys.solvers.krylov import SolverName
 
 logger = logging.getLogger("campus")
 
@@ -86,8 +88,8 @@ class CampusConfig(Config):
         64, ge=8, le=512, description="grid of generated instances"
     )
     nows_seed: int = Field(1000, description="seed of generated instances")
-    nows_solver: str = Field("cg", description="Krylov solver")
-    nows_rtol: float = Field(1e-5, gt=0, description="relative tolerance")
+    nows_solver: SolverName = Field("cg", description="Krylov solver")
+    nows_rtol: float = Field(1e-5, gt=0, lt=1, description="relative tolerance")
     nows_batch: int = Field(4, ge=1, description="instances per step")
     # serving
     serving_requests: int = Field(96, ge=1, description="trace requests replayed")
@@ -131,6 +133,13 @@ class CampusConfig(Config):
             raise ValueError(
                 f"serving_policy must be arrow, static or colocated, got {self.serving_policy!r}"
             )
+        try:
+            ArrowConfig(**self.serving_arrow)
+        except ValidationError as e:
+            raise ValueError(
+                f"serving_arrow {self.serving_arrow}: "
+                + format_validation_error(ArrowConfig, e, flags=False)
+            ) from e
         if self.moe_mode not in ("ar", "sd", "sd-prefetch"):
             raise ValueError(
                 f"moe_mode must be ar, sd or sd-prefetch, got {self.moe_mode!r}"
@@ -617,6 +626,10 @@ def main(cfg: CampusConfig) -> Any:
     absolute_paths(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
     tenant_specs(cfg)  # bad prompts or inputs fail before any cluster starts
+    if "serving" in cfg.systems and cfg.trace is not None:
+        from raysys.serving.trace import load_trace
+
+        load_trace(cfg.trace)  # a bad trace, too
     # the inputs of each system's own job for the same work (`own_job`)
     if "serving" in cfg.systems and cfg.trace is None:
         write_builtin_trace(cfg)

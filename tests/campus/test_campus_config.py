@@ -75,6 +75,28 @@ def test_bad_values_name_the_field(campus, tmp_path):
         load_config(campus.CampusConfig, ["--trace", str(tmp_path / "missing.csv")])
     with pytest.raises(ConfigError, match="systems must be"):
         load_config(campus.CampusConfig, ["--systems", "nows", "gpu"])
+    with pytest.raises(ConfigError, match="nows_solver"):
+        load_config(campus.CampusConfig, ["--set", "nows_solver=minres"])
+    with pytest.raises(ConfigError, match="nows_rtol"):
+        load_config(campus.CampusConfig, ["--nows-rtol", "5"])
+    with pytest.raises(ConfigError, match="bogus_knob: Extra inputs"):
+        load_config(campus.CampusConfig, ["--set", "serving_arrow.bogus_knob=1"])
+
+
+def test_a_bad_trace_fails_before_any_cluster_starts(campus, tmp_path, monkeypatch):
+    bad = tmp_path / "trace.csv"
+    bad.write_text("name,prompt\nx,1\n")
+    cfg = load_config(
+        campus.CampusConfig,
+        ["--trace", str(bad), "--systems", "serving", "--out", str(tmp_path / "o")],
+    )
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a cluster was started for a bad trace")
+
+    monkeypatch.setattr(campus.Campus, "start", no_cluster)
+    with pytest.raises(ConfigError, match="lacks column"):
+        campus.main(cfg)
 
 
 def test_the_serving_own_job_replays_the_same_requests(campus, tmp_path):
