@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -31,8 +33,13 @@ def run_job(
     *,
     description: str | None = None,
 ) -> int:
-    """Validate the config, then run ``body``; a bad config exits 2 before any work."""
+    """Validate the config, then run ``body``; a bad config exits 2 before any work.
+
+    SIGTERM (what ``timeout``, ``kill`` and ``ray job stop`` send) ends the job
+    as Ctrl-C does, so its cleanup runs: a cluster it started is stopped.
+    """
     setup_logging()
+    _exit_on_sigterm()
     try:
         cfg = load_config(cls, argv, description=description)
     except ConfigError as e:
@@ -44,3 +51,11 @@ def run_job(
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _exit_on_sigterm() -> None:
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)

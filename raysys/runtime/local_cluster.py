@@ -383,10 +383,22 @@ def _marked_pids(key: str, value: str) -> list[int]:
 
 
 def kill_marked(key: str, value: str, grace_s: float = 5.0) -> int:
-    """SIGTERM, then SIGKILL after ``grace_s``, every process marked ``key=value``."""
+    """SIGTERM, then SIGKILL after ``grace_s``, every process marked ``key=value``.
+
+    Processes a dying one starts meanwhile (Ray's agents and workers) are
+    found by a new look and stopped too; returns how many still run.
+    """
     if not Path("/proc").is_dir():
         raise ClusterError("stopping a single raysys cluster needs /proc (Linux)")
-    pids = _marked_pids(key, value)
+    left = 0
+    for _ in range(3):
+        left = _kill_pids(_marked_pids(key, value), grace_s)
+        if not _marked_pids(key, value):
+            return 0
+    return left
+
+
+def _kill_pids(pids: list[int], grace_s: float) -> int:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
