@@ -22,11 +22,13 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Annotated, Literal
 
 from pydantic import Field
 
 from raysys.runtime import init_ray, run_job
 from raysys.runtime.config import OutputFile
+from raysys.runtime.errors import RaysysError
 from raysys.solvers.options import GuessOptions
 from raysys.solvers.predictor import DEFAULT_MODEL
 
@@ -40,16 +42,24 @@ class BenchNowsConfig(GuessOptions):
 
     model: str = Field(str(DEFAULT_MODEL), description="saved Darcy operator")
     num_instances: int = Field(32, ge=1, description="instances per resolution")
-    resolutions: list[int] = Field([64, 128], description="grid sizes n (n x n)")
-    solvers: list[str] = Field(["cg", "amg-cg"], description="solvers to compare")
-    rtols: list[float] = Field([1e-3, 1e-5, 1e-6], description="relative tolerances")
+    resolutions: list[Annotated[int, Field(ge=4, le=2048)]] = Field(
+        [64, 128], min_length=1, description="grid sizes n (n x n), 4 to 2048"
+    )
+    solvers: list[Literal["cg", "gmres", "bicgstab", "amg-cg"]] = Field(
+        ["cg", "amg-cg"], min_length=1, description="solvers to compare"
+    )
+    rtols: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        [1e-3, 1e-5, 1e-6],
+        min_length=1,
+        description="relative tolerances, each above 0 and below 1",
+    )
     seed: int = Field(
         2000, description="seed of the instances (the operator trained on 0 and 1)"
     )
     throughput_instances: int = Field(
         16, ge=0, description="instances of the 1-vs-all-workers run (0 skips it)"
     )
-    throughput_resolution: int = Field(128, ge=4, description="its grid size")
+    throughput_resolution: int = Field(128, ge=4, le=2048, description="its grid size")
     timeout_s: float = Field(3600, gt=0, description="bound on each run")
     out: OutputFile | None = Field(None, description="JSON report path (optional)")
 
@@ -194,7 +204,7 @@ def main(cfg: BenchNowsConfig) -> None:
 
     from raysys.solvers.datasets import generate_instances
     from raysys.solvers.predictor import load_model
-    from raysys.solvers.reports import BenchReport, ThroughputRecord
+    from raysys.solvers.reports import BenchReport
     from raysys.solvers.runner import run_solves
     from raysys.solvers.worker import SolveSettings
 
@@ -212,52 +222,31 @@ def main(cfg: BenchNowsConfig) -> None:
     )
     records = []
     energy: dict[str, float] = {}
+    errors: list[str] = []
     for n in cfg.resolutions:
-        instances = generate_instances("darcy", n, cfg.num_instances, cfg.seed)
-        outcome = run_solves(
-            instances,
-            settings,
-            model=model,
-            batch_size=cfg.batch_size,
-            timeout_s=cfg.timeout_s,
-        )
-        records += _records(outcome.results, n, settings)
-        for k, v in _energy_errors(instances, model, cfg).items():
-            energy[f"{n}/{k}"] = v
-
-    throughput = []
-    if cfg.throughput_instances:
-        import ray
-
-        n = cfg.throughput_resolution
-        instances = generate_instances(
-            "darcy", n, cfg.throughput_instances, cfg.seed + 1, with_reference=False
-        )
-        one = SolveSettings(
-            solvers=("cg",),
-            rtols=(1e-6,),
-            num_smoothing_sweeps=cfg.num_smoothing_sweeps,
-            refinement=cfg.refinement_settings(),
-        )
-        num_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        for workers in (1, num_cpus):
+        try:
+            instances = generate_instances("darcy", n, cfg.num_instances, cfg.seed)
             outcome = run_solves(
                 instances,
-                one,
+                settings,
                 model=model,
                 batch_size=cfg.batch_size,
                 timeout_s=cfg.timeout_s,
-                max_in_flight=workers,
-                progress=False,
             )
-            throughput.append(
-                ThroughputRecord(
-                    resolution=n,
-                    num_workers=workers,
-                    num_solves=2 * len(instances),
-                    solves_per_s=2 * len(instances) / outcome.wall_time_s,
-                )
-            )
+            records += _records(outcome.results, n, settings)
+            for k, v in _energy_errors(instances, model, cfg).items():
+                energy[f"{n}/{k}"] = v
+        except RaysysError as e:  # the other resolutions still run and are kept
+            logger.error("resolution %d failed: %s", n, e)
+            errors.append(f"{n}x{n}: {e}")
+
+    throughput = []
+    if cfg.throughput_instances:
+        try:
+            throughput = _throughput(cfg, model)
+        except RaysysError as e:
+            logger.error("the throughput run failed: %s", e)
+            errors.append(f"throughput: {e}")
 
     report = BenchReport(
         config=cfg.model_dump(),
@@ -266,13 +255,64 @@ def main(cfg: BenchNowsConfig) -> None:
         throughput=throughput,
         relative_energy_error=energy,
         wall_time_s=time.perf_counter() - start,
+        errors=errors,
     )
     print_table(report)
     if cfg.out:
         out = Path(cfg.out)
         report.write(out)
-        _plot(records, out.with_suffix(".png"))
+        if records:
+            _plot(records, out.with_suffix(".png"))
         print(f"report {out.resolve()}  plot {out.with_suffix('.png').resolve()}")
+    if errors:
+        raise RaysysError("; ".join(errors))
+    solved = sum(r.num_instances - r.num_failed for r in records)
+    if not solved:
+        raise RaysysError(
+            "no solve succeeded in any setting; see the per-setting counts above"
+        )
+
+
+def _throughput(cfg, model):
+    """Cold+warm CG solves per second with 1 worker and with all of them."""
+    import ray
+
+    from raysys.solvers.datasets import generate_instances
+    from raysys.solvers.reports import ThroughputRecord
+    from raysys.solvers.runner import run_solves
+    from raysys.solvers.worker import SolveSettings
+
+    n = cfg.throughput_resolution
+    instances = generate_instances(
+        "darcy", n, cfg.throughput_instances, cfg.seed + 1, with_reference=False
+    )
+    one = SolveSettings(
+        solvers=("cg",),
+        rtols=(1e-6,),
+        num_smoothing_sweeps=cfg.num_smoothing_sweeps,
+        refinement=cfg.refinement_settings(),
+    )
+    num_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    throughput = []
+    for workers in (1, num_cpus):
+        outcome = run_solves(
+            instances,
+            one,
+            model=model,
+            batch_size=cfg.batch_size,
+            timeout_s=cfg.timeout_s,
+            max_in_flight=workers,
+            progress=False,
+        )
+        throughput.append(
+            ThroughputRecord(
+                resolution=n,
+                num_workers=workers,
+                num_solves=2 * len(instances),
+                solves_per_s=2 * len(instances) / outcome.wall_time_s,
+            )
+        )
+    return throughput
 
 
 def print_table(report) -> None:

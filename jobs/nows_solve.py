@@ -21,7 +21,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from raysys.runtime import init_ray, run_job
-from raysys.runtime.config import OutputFile
+from raysys.runtime.config import OutputFile, check_plot_path
+from raysys.runtime.errors import RaysysError
 from raysys.solvers.options import GuessOptions
 from raysys.solvers.predictor import DEFAULT_MODEL
 from raysys.solvers.warmstart import RefinementSettings
@@ -52,8 +53,12 @@ class NowsSolveConfig(GuessOptions):
     solver: Literal["cg", "gmres", "bicgstab", "amg-cg"] = Field(
         "cg", description="Krylov solver"
     )
-    rtol: float = Field(1e-5, ge=0, description="relative tolerance on ||b - Ax||")
-    atol: float = Field(0.0, ge=0, description="absolute tolerance on ||b - Ax||")
+    rtol: float = Field(
+        1e-5, ge=0, lt=1, description="relative tolerance on ||b - Ax|| (below 1)"
+    )
+    atol: float = Field(
+        0.0, ge=0, description="absolute tolerance on ||b - Ax|| (finite)"
+    )
     maxiter: int | None = Field(
         None, ge=1, description="iteration cap (default 10 x unknowns)"
     )
@@ -69,6 +74,7 @@ class NowsSolveConfig(GuessOptions):
 
     @model_validator(mode="after")
     def _check(self) -> NowsSolveConfig:
+        check_plot_path(self.out, None)  # the plot goes next to the report
         if (self.data is None) == (self.generate is None):
             raise ValueError(
                 "give exactly one of --data FILE or --generate N "
@@ -137,10 +143,10 @@ def main(cfg: NowsSolveConfig) -> None:
 
     start = time.perf_counter()
     model = load_model(cfg.model) if cfg.guess == "operator" else None
+    # a bad file is refused before Ray starts
+    instances = load_instances(cfg.data) if cfg.data is not None else None
     init_ray()
-    if cfg.data is not None:
-        instances = load_instances(cfg.data)
-    else:
+    if instances is None:
         instances = generate_instances(
             cfg.family, cfg.resolution, cfg.generate, cfg.seed, with_reference=False
         )
@@ -178,7 +184,7 @@ def main(cfg: NowsSolveConfig) -> None:
     )
     out = Path(cfg.out)
     report.write(out)
-    plot_path = out.with_suffix(".png")
+    plot_path = check_plot_path(out, None)
     plot_iterations(
         outcome.results,
         plot_path,
@@ -186,6 +192,11 @@ def main(cfg: NowsSolveConfig) -> None:
         f"{post_processing(settings, cfg.solver)}",
     )
     print_summary(report, out, plot_path)
+    if summary.num_failed == summary.num_instances:
+        raise RaysysError(
+            f"none of the {summary.num_instances} instances was solved (see "
+            f"the errors above and in {out})"
+        )
 
 
 def _describe(refinement: RefinementSettings | None) -> dict[str, int] | None:

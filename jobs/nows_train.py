@@ -23,6 +23,7 @@ from pydantic import Field, model_validator
 
 from raysys.runtime import Config, cluster_gpus, init_ray, run_job
 from raysys.runtime.config import OutputDir
+from raysys.runtime.errors import ConfigError
 from raysys.solvers.datasets import generate_instances, load_instances, with_references
 from raysys.solvers.families import get_family
 
@@ -117,7 +118,7 @@ def _plot(report, path: Path) -> None:
     plt.close(fig)
 
 
-def _train_remote_or_local(cfg, model, train, test, settings):
+def _train_remote_or_local(cfg, model, train, test, family, settings):
     """Train in this process, or in a GPU task when only the cluster has a GPU."""
     import torch
     from tqdm import tqdm
@@ -126,7 +127,7 @@ def _train_remote_or_local(cfg, model, train, test, settings):
 
     if not torch.cuda.is_available() and cluster_gpus() >= 1:
         logger.info("training in a Ray task on a cluster GPU")
-        return train_on_cluster_gpu(model, train, test, cfg.family, settings)
+        return train_on_cluster_gpu(model, train, test, family, settings)
 
     settings.device = "cuda" if torch.cuda.is_available() else "cpu"
     bar = tqdm(total=cfg.epochs, desc=f"training on {settings.device}", unit="epoch")
@@ -135,15 +136,36 @@ def _train_remote_or_local(cfg, model, train, test, settings):
         bar.set_postfix(loss=f"{loss:.4f}", test_l2=f"{test_l2:.4f}")
         bar.update(1)
 
-    hist = train_operator(model, train, test, cfg.family, settings, on_epoch)
-    bar.close()
+    try:
+        hist = train_operator(model, train, test, family, settings, on_epoch)
+    finally:
+        bar.close()
     return model, hist
+
+
+def _check_init_model(model, path: str, family: str) -> None:
+    """The starting model must take the training family's input fields."""
+    fam = get_family(family)
+    trained_on = model.config.metadata.get("family")
+    if trained_on is not None and trained_on != family:
+        raise ConfigError(
+            f"--init-model {path} was trained on {trained_on!r} instances, but the "
+            f"training data is {family!r}; start from a {family!r} operator or "
+            "leave --init-model out"
+        )
+    if model.config.in_channels != len(fam.feature_names):
+        raise ConfigError(
+            f"--init-model {path} takes {model.config.in_channels} input fields, "
+            f"but {family!r} has {len(fam.feature_names)} "
+            f"({', '.join(fam.feature_names)}); leave --init-model out"
+        )
 
 
 def main(cfg: NowsTrainConfig) -> None:
     import torch
 
-    from raysys.models.fno import FNO, FNOConfig
+    from raysys.models.fno import FNOConfig
+    from raysys.solvers.predictor import load_model
     from raysys.solvers.reports import TrainReport
     from raysys.solvers.training import (
         TrainSettings,
@@ -153,33 +175,51 @@ def main(cfg: NowsTrainConfig) -> None:
     )
 
     torch.set_num_threads(cfg.num_threads)
-    init_ray()
+    # the files and the starting model are checked before Ray starts
+    train_insts = load_instances(cfg.data) if cfg.data is not None else None
+    test_file = load_instances(cfg.test_data) if cfg.test_data is not None else None
+    family = train_insts[0].family if train_insts else cfg.family
+    fam = get_family(family)
+    source = f"--data {cfg.data}" if cfg.data is not None else f"--family {family}"
+    for inst in (train_insts or []) + (test_file or []):
+        # training needs every instance: a bad one stops the job here
+        get_family(inst.family).validate(inst)
+    if test_file is not None and test_file[0].family != family:
+        raise ConfigError(
+            f"--test-data {cfg.test_data} holds {test_file[0].family!r} instances "
+            f"but {source} gives {family!r} ones; test on the same PDE family"
+        )
+    loss = cfg.loss or ("energy+l2" if family == "darcy" else "l2")
+    if "energy" in loss and family != "darcy":
+        raise ConfigError(
+            f"--loss {loss!r} needs the Darcy energy, but {source} holds "
+            f"{family!r} instances; use --loss l2 or h1"
+        )
+    init_model = None
+    if cfg.init_model is not None:
+        init_model = load_model(cfg.init_model)
+        _check_init_model(init_model, cfg.init_model, family)
 
-    if cfg.data is not None:
-        train_insts = load_instances(cfg.data)
+    init_ray()
+    if train_insts is not None:
         logger.info("read %d instances from %s", len(train_insts), cfg.data)
         train_insts = with_references(train_insts)
     else:
         train_insts = generate_instances(
             cfg.family, cfg.resolution, cfg.generate, cfg.seed
         )
-    if cfg.test_data is not None:
-        test_insts = with_references(load_instances(cfg.test_data))
+    if test_file is not None:
+        test_insts = with_references(test_file)
     else:
         n = train_insts[0].resolution
-        test_insts = generate_instances(
-            train_insts[0].family, n, cfg.num_test, cfg.test_seed
-        )
-    family = train_insts[0].family
-    fam = get_family(family)
-    loss = cfg.loss or ("energy+l2" if family == "darcy" else "l2")
+        test_insts = generate_instances(family, n, cfg.num_test, cfg.test_seed)
     train = stack_pairs(train_insts)
     test = stack_pairs(test_insts)
     resolution = int(train[0].shape[-1])
 
     init_metadata = None
-    if cfg.init_model is not None:
-        model = FNO.load(cfg.init_model)
+    if init_model is not None:
+        model = init_model
         init_metadata = dict(model.config.metadata)
         logger.info(
             "fine-tuning the operator from %s; its architecture (modes %d, width "
@@ -208,7 +248,7 @@ def main(cfg: NowsTrainConfig) -> None:
         seed=cfg.seed,
         max_train_s=cfg.max_train_minutes * 60 if cfg.max_train_minutes else None,
     )
-    model, hist = _train_remote_or_local(cfg, model, train, test, settings)
+    model, hist = _train_remote_or_local(cfg, model, train, test, family, settings)
 
     model = model.cpu()
     train_err = evaluate(model, *train, family)

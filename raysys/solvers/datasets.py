@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import math
+import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +30,7 @@ import numpy as np
 import ray
 
 from raysys.runtime import bounded_get
+from raysys.runtime.errors import RaysysError
 from raysys.solvers.errors import DataFormatError
 from raysys.solvers.families import Instance, get_family
 
@@ -35,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 BENCHMARK_HIGH = 12.0
 BENCHMARK_LOW = 3.0
+# what numpy raises for a truncated, corrupt or non-archive .npz
+_NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
 
 
 def sample_instances(
@@ -130,12 +135,15 @@ def with_references(
     try:
         parts = bounded_get(refs, timeout_s, f"reference solves of {len(instances)}")
     except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, RaysysError):
+            raise cause from None  # its message, without the remote traceback
         raise e.as_instanceof_cause() from None
     return [inst for part in parts for inst in part]
 
 
 def _as_stack(arr: np.ndarray, key: str, path: Path) -> np.ndarray:
-    arr = np.ascontiguousarray(arr)
+    arr = np.ascontiguousarray(_numeric(arr, key, path))
     if arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3:
@@ -145,7 +153,33 @@ def _as_stack(arr: np.ndarray, key: str, path: Path) -> np.ndarray:
     return arr
 
 
+def _numeric(arr: np.ndarray, key: str, path: Path) -> np.ndarray:
+    """``arr`` if it holds real numbers (or booleans); the file is refused otherwise."""
+    arr = np.asarray(arr)
+    if np.issubdtype(arr.dtype, np.complexfloating):
+        raise DataFormatError(
+            f"{path}: array {key!r} is complex ({arr.dtype}); the fields must be "
+            "real numbers"
+        )
+    if arr.dtype != bool and not np.issubdtype(arr.dtype, np.number):
+        raise DataFormatError(
+            f"{path}: array {key!r} has dtype {arr.dtype}; it must hold numbers"
+        )
+    return arr
+
+
+def _same_count(path: Path, first: str, n_first: int, key: str, n_key: int) -> None:
+    if n_key != n_first:
+        raise DataFormatError(
+            f"{path}: {key!r} holds {n_key} instances but {first!r} holds {n_first}"
+        )
+
+
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    if path.is_dir():
+        raise DataFormatError(
+            f"data file {str(path)!r} is a folder; give a .npz or a .pt file"
+        )
     if not path.is_file():
         raise DataFormatError(f"data file {str(path)!r} does not exist")
     if path.suffix == ".pt":
@@ -162,17 +196,26 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
             raise DataFormatError(
                 f"{path} holds a {type(data).__name__}; expected a dict of tensors"
             )
-        return {
-            k: v.contiguous().numpy()
-            for k, v in data.items()
-            if isinstance(v, torch.Tensor)
-        }
+        try:
+            return {
+                k: v.contiguous().numpy()
+                for k, v in data.items()
+                if isinstance(v, torch.Tensor)
+            }
+        except (TypeError, RuntimeError) as e:  # e.g. bfloat16 has no numpy type
+            raise DataFormatError(f"{path}: a tensor numpy cannot hold ({e})") from e
     if path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as data:
                 return {k: data[k] for k in data.files}
-        except (OSError, ValueError) as e:
-            raise DataFormatError(f"{path}: not a readable .npz ({e})") from e
+        except _NPZ_ERRORS as e:
+            raise DataFormatError(
+                f"{path}: not a readable .npz ({type(e).__name__}: {e})"
+            ) from e
+        except AttributeError as e:  # np.load gave a bare array, not an archive
+            raise DataFormatError(
+                f"{path}: not an .npz archive; save the arrays with numpy.savez"
+            ) from e
     raise DataFormatError(
         f"{path}: unknown suffix {path.suffix!r}; give a .npz or a .pt file"
     )
@@ -181,12 +224,25 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
 def load_instances(path: str | Path) -> list[Instance]:
     """Read Darcy or convection-diffusion instances from a benchmark or user file.
 
+    Only the file's structure is checked here (array kinds, dtypes, shapes,
+    instance counts); each instance's values are checked when it is solved, so
+    that one bad instance fails alone.
+
     Raises:
-        DataFormatError: the file is unreadable or holds none of the expected
-            arrays; the message lists what it holds and what is expected.
+        DataFormatError: the file is unreadable, holds none of the expected
+            arrays, arrays that disagree in their instance counts, non-numeric or
+            complex arrays, or no instances; the message names the file, the
+            array and what is expected.
     """
     path = Path(path)
     arrays = _read_arrays(path)
+    instances = _instances(path, arrays)
+    if not instances:
+        raise DataFormatError(f"{path}: holds 0 instances; give at least one")
+    return instances
+
+
+def _instances(path: Path, arrays: dict[str, np.ndarray]) -> list[Instance]:
     stem = path.stem
     if "x" in arrays:
         x = _as_stack(arrays["x"], "x", path)
@@ -199,6 +255,8 @@ def load_instances(path: str | Path) -> list[Instance]:
     if "a" in arrays:
         a = _as_stack(arrays["a"], "a", path)
         f = _as_stack(arrays["f"], "f", path) if "f" in arrays else None
+        if f is not None:
+            _same_count(path, "a", len(a), "f", len(f))
         return [
             Instance(
                 f"{stem}-{k}",
@@ -210,7 +268,16 @@ def load_instances(path: str | Path) -> list[Instance]:
     if {"vx", "vy", "epsilon"} <= arrays.keys():
         vx = _as_stack(arrays["vx"], "vx", path)
         vy = _as_stack(arrays["vy"], "vy", path)
-        eps = np.broadcast_to(np.asarray(arrays["epsilon"], float), (len(vx),))
+        _same_count(path, "vx", len(vx), "vy", len(vy))
+        eps = _numeric(arrays["epsilon"], "epsilon", path)
+        if eps.ndim > 1:
+            raise DataFormatError(
+                f"{path}: array 'epsilon' has shape {eps.shape}; expected one value "
+                "per instance (N,) or a single value"
+            )
+        if eps.ndim == 1 and len(eps) != 1:
+            _same_count(path, "vx", len(vx), "epsilon", len(eps))
+        eps = np.broadcast_to(eps.astype(np.float64), (len(vx),))
         return [
             Instance(
                 f"{stem}-{k}",

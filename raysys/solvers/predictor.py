@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from safetensors import SafetensorError
 
-from raysys.models.fno import FNO
+from raysys.models.fno import FNO, WEIGHTS_FILE
 from raysys.runtime import cluster_gpus
 from raysys.solvers.errors import ModelFormatError
 
@@ -31,7 +32,13 @@ def load_model(directory: str | Path) -> FNO:
     """Load a saved operator, turning format problems into `ModelFormatError`."""
     try:
         return FNO.load(directory)
-    except (FileNotFoundError, ValueError) as e:
+    except SafetensorError as e:
+        raise ModelFormatError(
+            f"cannot load the operator in {directory}: "
+            f"{Path(directory) / WEIGHTS_FILE} is not a readable safetensors file "
+            f"({e}); save the model again"
+        ) from e
+    except (OSError, ValueError) as e:
         raise ModelFormatError(f"cannot load the operator in {directory}: {e}") from e
 
 

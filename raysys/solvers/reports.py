@@ -195,3 +195,6 @@ class BenchReport(Report):
     throughput: list[ThroughputRecord]
     relative_energy_error: dict[str, float]
     wall_time_s: float
+    errors: list[str] = Field(
+        default_factory=list, description="runs that failed, one line each"
+    )

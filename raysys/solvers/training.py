@@ -40,6 +40,8 @@ import torch.nn.functional as F
 
 from raysys.models.fno import FNO, FNOConfig
 from raysys.runtime import bounded_get
+from raysys.runtime.errors import RaysysError
+from raysys.solvers.errors import TrainingDiverged
 from raysys.solvers.families import Instance, get_family
 from raysys.solvers.fields import interpolation_weights
 
@@ -339,6 +341,9 @@ def train_operator(
 
     Returns:
         The history; training stops early after ``settings.max_train_s``.
+
+    Raises:
+        TrainingDiverged: a batch's loss is not finite (training stops there).
     """
     torch.manual_seed(settings.seed)
     device = settings.device
@@ -367,11 +372,19 @@ def train_operator(
             idx = order[i : i + settings.batch_size]
             xb, yb = x[idx].to(device), y[idx].to(device)
             loss = loss_fn(model(xb), yb, xb)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise TrainingDiverged(
+                    f"the training loss ({settings.loss}) is {value} at epoch "
+                    f"{epoch + 1}, step {step + 1}; nothing was saved. Lower the "
+                    f"learning rate (it is {settings.learning_rate:g}) or check "
+                    "that the loss suits the data"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
-            total_loss += loss.item() * len(idx)
+            total_loss += value * len(idx)
         history.epoch_losses.append(total_loss / len(x))
         test_l2 = None
         if test is not None:
@@ -431,7 +444,14 @@ def train_on_cluster_gpu(
 
     Raises:
         RemoteTimeout: training did not finish within ``timeout_s``.
+        TrainingDiverged: a batch's loss was not finite.
     """
     ref = _train_task.remote(*model.to_bytes(), train, test, family, settings)
-    (config_json, weights), history = bounded_get(ref, timeout_s, "GPU training")
+    try:
+        (config_json, weights), history = bounded_get(ref, timeout_s, "GPU training")
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, RaysysError):
+            raise cause from None  # its message, without the remote traceback
+        raise
     return FNO.from_bytes(config_json, weights), history

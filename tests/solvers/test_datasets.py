@@ -3,14 +3,15 @@ import pytest
 import torch
 from support import shared_data
 
+from raysys.runtime.errors import ConfigError
 from raysys.solvers.datasets import (
     generate_instances,
     load_instances,
     sample_instances,
     with_references,
 )
-from raysys.solvers.errors import DataFormatError
-from raysys.solvers.families import get_family
+from raysys.solvers.errors import DataFormatError, InvalidInstance
+from raysys.solvers.families import Instance, get_family
 
 
 class NotATensor:
@@ -91,3 +92,54 @@ def test_references_of_read_instances_are_solved_on_ray(ray_cluster, tmp_path):
     insts = with_references(load_instances(tmp_path / "r.npz"))
     A, b = get_family("darcy").assemble(insts[0])
     np.testing.assert_allclose(A @ insts[0].reference.ravel(), b, rtol=1e-10)
+
+
+def _refused(path, match):
+    with pytest.raises(DataFormatError, match=match) as info:
+        load_instances(path)
+    assert isinstance(info.value, ConfigError)  # the job prints it as `error: ...`
+    return str(info.value)
+
+
+def test_broken_npz_files_are_refused_with_the_file_and_the_problem(tmp_path):
+    np.savez(tmp_path / "good.npz", a=np.ones((3, 6, 6)))
+    raw = (tmp_path / "good.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(raw[: len(raw) // 2])
+    _refused(tmp_path / "cut.npz", "cut.npz: not a readable .npz")
+    (tmp_path / "text.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    _refused(tmp_path / "text.npz", "not a readable .npz")
+    (tmp_path / "dir.npz").mkdir()
+    _refused(tmp_path / "dir.npz", "is a folder")
+
+    np.savez(tmp_path / "af.npz", a=np.ones((3, 6, 6)), f=np.ones((2, 6, 6)))
+    msg = _refused(tmp_path / "af.npz", "'f' holds 2 instances but 'a' holds 3")
+    assert str(tmp_path / "af.npz") in msg
+    cd = {"vx": np.zeros((3, 6, 6)), "vy": np.ones((2, 6, 6)), "epsilon": 0.1}
+    np.savez(tmp_path / "v.npz", **cd)
+    _refused(tmp_path / "v.npz", "'vy' holds 2 instances but 'vx' holds 3")
+    cd |= {"vy": np.ones((3, 6, 6)), "epsilon": np.array([0.1, 0.2])}
+    np.savez(tmp_path / "eps.npz", **cd)
+    _refused(tmp_path / "eps.npz", "'epsilon' holds 2 instances but 'vx' holds 3")
+
+    np.savez(tmp_path / "str.npz", x=np.array([[["1", "2"], ["3", "4"]]]))
+    _refused(tmp_path / "str.npz", "'x' has dtype <U1")
+    np.savez(tmp_path / "cplx.npz", a=np.ones((2, 6, 6)) * (1 + 1j))
+    _refused(tmp_path / "cplx.npz", "'a' is complex")
+    np.savez(tmp_path / "empty.npz", a=np.zeros((0, 6, 6)))
+    _refused(tmp_path / "empty.npz", "holds 0 instances")
+
+
+def test_one_epsilon_or_one_per_instance_is_accepted(tmp_path):
+    fields = {"vx": np.zeros((2, 6, 6)), "vy": np.ones((2, 6, 6))}
+    for eps in (0.05, np.array([0.05]), np.array([0.05, 0.05])):
+        np.savez(tmp_path / "cd.npz", **fields, epsilon=eps)
+        insts = load_instances(tmp_path / "cd.npz")
+        assert [i.scalars["epsilon"] for i in insts] == [0.05, 0.05]
+
+
+def test_a_bad_instance_in_a_reference_solve_gives_its_message_only(ray_cluster):
+    bad = Instance("bad-0", "darcy", {"a": np.full((6, 6), -1.0)})
+    with pytest.raises(InvalidInstance) as info:
+        with_references([bad])
+    assert str(info.value).startswith("instance 'bad-0': field 'a' must be positive")
+    assert "Traceback" not in str(info.value)

@@ -2,9 +2,11 @@
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from raysys.runtime import run_job
@@ -158,3 +160,191 @@ def test_training_and_predictions_use_a_gpu_provider(add_provider, tmp_path, cap
     assert "predictor actor with 1 GPU(s)" in caplog.text
     report = json.loads((tmp_path / "r.json").read_text())
     assert all(r["converged_warm"] for r in report["instances"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "bad"),
+    [
+        (["--resolutions", "16", "0"], "resolutions.1"),
+        (["--resolutions", "-4"], "resolutions.0"),
+        (["--solvers", "cg", "minres"], "'minres'"),
+        (["--rtols", "0"], "greater than 0 (got '0')"),
+        (["--rtols", "1e-3", "-1"], "greater than 0 (got '-1')"),
+        (["--rtols", "5"], "less than 1 (got '5')"),
+    ],
+)
+def test_bad_bench_config_fails_before_any_work(argv, bad, capsys):
+    job = load_job("bench_nows")
+    assert run_job(job.BenchNowsConfig, job.main, argv) == 2
+    assert bad in capsys.readouterr().err
+
+
+def test_solve_config_refuses_a_relative_tolerance_of_one_or_more(capsys):
+    job = load_job("nows_solve")
+    for rtol in ("1", "5"):
+        argv = ["--generate", "2", "--rtol", rtol]
+        assert run_job(job.NowsSolveConfig, job.main, argv) == 2
+        assert f"less than 1 (got '{rtol}')" in capsys.readouterr().err
+    assert job.NowsSolveConfig(generate=2, rtol=0.5).rtol == 0.5
+    assert run_job(job.NowsSolveConfig, job.main, ["--generate", "2", "--atol", "inf"])
+    assert "atol" in capsys.readouterr().err
+
+
+def test_solve_config_refuses_a_report_path_the_plot_would_overwrite(tmp_path, capsys):
+    job = load_job("nows_solve")
+    argv = ["--generate", "2", "--out", str(tmp_path / "r.png")]
+    assert run_job(job.NowsSolveConfig, job.main, argv) == 2
+    assert "would both be written" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_solve_job_refuses_broken_files_and_models_with_one_line(tmp_path, capsys):
+    job = load_job("nows_solve")
+    np.savez(tmp_path / "empty.npz", a=np.zeros((0, 8, 8)))
+    argv = ["--data", str(tmp_path / "empty.npz"), "--guess", "coarse-grid"]
+    assert run_job(job.NowsSolveConfig, job.main, argv) == 1
+    assert "empty.npz: holds 0 instances" in capsys.readouterr().err
+
+    model = tmp_path / "model"
+    model.mkdir()
+    pretrained = job.DEFAULT_MODEL
+    (model / "config.json").write_text((pretrained / "config.json").read_text())
+    weights = (pretrained / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(weights[:100])
+    argv = ["--model", str(model), "--generate", "2", "--resolution", "8"]
+    assert run_job(job.NowsSolveConfig, job.main, argv) == 1
+    err = capsys.readouterr().err
+    assert f"{model / 'model.safetensors'} is not a readable safetensors file" in err
+
+
+@pytest.mark.slow
+def test_solve_job_fails_when_no_instance_was_solved_but_writes_the_report(
+    ray_cluster, tmp_path, capsys
+):
+    job = load_job("nows_solve")
+    np.savez(tmp_path / "bad.npz", a=-np.ones((2, 8, 8)))
+    out = tmp_path / "r.json"
+    argv = [
+        "--data", str(tmp_path / "bad.npz"), "--guess", "coarse-grid",
+        "--out", str(out),
+    ]  # fmt: skip
+    assert run_job(job.NowsSolveConfig, job.main, argv) == 1
+    assert "error: none of the 2 instances was solved" in capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert report["summary"]["num_failed"] == 2
+    assert all("must be positive" in r["error"] for r in report["instances"])
+
+
+def _cd_file(path, num=2, n=8):
+    rng = np.random.default_rng(0)
+    np.savez(
+        path,
+        vx=rng.uniform(-1, 1, (num, n, n)),
+        vy=rng.uniform(-1, 1, (num, n, n)),
+        epsilon=np.full(num, 0.05),
+    )
+    return str(path)
+
+
+def test_train_job_refuses_mismatched_inputs_before_any_work(tmp_path, capsys):
+    job = load_job("nows_train")
+    cd = _cd_file(tmp_path / "cd.npz")
+    np.savez(tmp_path / "darcy.npz", a=np.ones((2, 8, 8)))
+    darcy = str(tmp_path / "darcy.npz")
+    np.savez(tmp_path / "empty.npz", a=np.zeros((0, 8, 8)))
+    empty = str(tmp_path / "empty.npz")
+    np.savez(
+        tmp_path / "nan.npz", a=np.array([np.ones((8, 8)), np.full((8, 8), np.nan)])
+    )
+    out = ["--epochs", "1", "--out", str(tmp_path / "m")]
+    cases = [
+        (["--data", cd, "--loss", "energy"], "--loss 'energy' needs the Darcy energy"),
+        (
+            ["--data", darcy, "--test-data", cd],
+            f"--test-data {cd} holds 'convection-diffusion' instances",
+        ),
+        (
+            ["--data", cd, "--init-model", str(job_default_model())],
+            "was trained on 'darcy' instances, but the training data is "
+            "'convection-diffusion'",
+        ),
+        (["--generate", "2", "--init-model", "/nonexist"], "/nonexist/config.json"),
+        (["--data", empty], "empty.npz: holds 0 instances"),
+        (["--data", darcy, "--test-data", empty], "empty.npz: holds 0 instances"),
+        (
+            ["--data", str(tmp_path / "nan.npz")],
+            "instance 'nan-1': field 'a' has 64 non-finite",
+        ),
+    ]
+    for argv, expected in cases:
+        assert run_job(job.NowsTrainConfig, job.main, argv + out) == 1, argv
+        err = capsys.readouterr().err
+        assert expected in err, (argv, err)
+        assert "Traceback" not in err
+    assert not (tmp_path / "m" / "model.safetensors").exists()
+
+
+def job_default_model():
+    from raysys.solvers.predictor import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
+
+
+@pytest.mark.slow
+def test_train_job_on_a_convection_diffusion_file_trains_that_family(
+    ray_cluster, tmp_path, monkeypatch
+):
+    from raysys.solvers import training
+
+    families = []
+    real = training.train_operator
+
+    def train_operator(model, train, test, family, settings, on_epoch=None):
+        families.append(family)
+        return real(model, train, test, family, settings, on_epoch)
+
+    monkeypatch.setattr(training, "train_operator", train_operator)
+    job = load_job("nows_train")
+    out = tmp_path / "m"
+    argv = [
+        "--data", _cd_file(tmp_path / "cd.npz", num=4), "--num-test", "2",
+        "--epochs", "2", "--modes", "2", "--width", "4", "--num-layers", "1",
+        "--projection-channels", "4", "--out", str(out),
+    ]  # fmt: skip
+    assert run_job(job.NowsTrainConfig, job.main, argv) == 0
+    assert families == ["convection-diffusion"]  # not the --family default
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["family"] == "convection-diffusion"
+    assert all(math.isfinite(v) for v in report["epoch_losses"])
+    assert math.isfinite(report["test_relative_l2"])
+
+
+@pytest.mark.slow
+def test_bench_job_keeps_finished_resolutions_when_a_later_one_fails(
+    ray_cluster, tmp_path, monkeypatch, capsys
+):
+    from raysys.runtime.errors import RemoteTimeout
+    from raysys.solvers import datasets
+
+    real = datasets.generate_instances
+
+    def generate(family, n, *args, **kwargs):
+        if n == 12:
+            raise RemoteTimeout("generation of 2 instances did not answer within 1 s")
+        return real(family, n, *args, **kwargs)
+
+    monkeypatch.setattr(datasets, "generate_instances", generate)
+    job = load_job("bench_nows")
+    out = tmp_path / "bench.json"
+    argv = [
+        "--num-instances", "2", "--resolutions", "8", "12", "--solvers", "cg",
+        "--rtols", "1e-3", "--throughput-instances", "0", "--out", str(out),
+    ]  # fmt: skip
+    assert run_job(job.BenchNowsConfig, job.main, argv) == 1
+    assert "error: 12x12: generation of 2 instances" in capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert {r["resolution"] for r in report["results"]} == {8}
+    assert all(r["num_converged_warm"] == 2 for r in report["results"])
+    assert report["errors"] == [
+        "12x12: generation of 2 instances did not answer within 1 s"
+    ]

@@ -60,3 +60,22 @@ def test_refined_energy_loss_has_gradients_and_is_below_the_raw_energy(instance)
     loss.backward()
     assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
     assert "refined-energy" not in relative_errors(pred, target, a, "darcy")
+
+
+def test_a_non_finite_loss_stops_training_with_a_clear_error():
+    from raysys.models.fno import FNOConfig
+    from raysys.solvers.errors import TrainingDiverged
+    from raysys.solvers.training import TrainSettings, build_model, train_operator
+
+    x = torch.ones(4, 1, 8, 8)
+    y = torch.rand(4, 1, 8, 8)
+    config = FNOConfig(
+        in_channels=1, modes=2, width=4, num_layers=1, projection_channels=4
+    )
+    model = build_model(config, x, y)
+    y[2, 0, 3, 3] = float("nan")  # the loss of the batch holding it is NaN
+    settings = TrainSettings(epochs=2, batch_size=2, loss="l2")
+    with pytest.raises(
+        TrainingDiverged, match=r"loss \(l2\) is nan at epoch 1, step [12];"
+    ):
+        train_operator(model, (x, y), None, "darcy", settings)
