@@ -243,13 +243,25 @@ def run_all(cfg: BenchConfig, calls: list[tuple], what: str) -> list:
 
     Simulations are plain CPU work, so they run in local processes rather than
     on the Ray cluster. All of them together are bounded by ``sim_timeout_s``:
-    past it the processes are stopped and the stage fails with how far it got.
+    past it the processes are stopped and the stage fails with how far it got
+    (with one worker the runs go in this process, and the bound is checked
+    between runs).
 
     Raises:
         RaysysError: the stage did not finish within ``sim_timeout_s``.
     """
     deadline = time.monotonic() + cfg.sim_timeout_s
-    workers = min(cfg.sim_workers, len(calls)) or 1
+    if cfg.sim_workers == 1:  # in this process: the bound holds between runs
+        results = []
+        for fn, *args in tqdm(calls, desc=what, unit="run"):
+            if time.monotonic() > deadline:
+                raise RaysysError(
+                    f"{what}: {len(results)} of {len(calls)} simulations finished "
+                    f"within --sim-timeout-s {cfg.sim_timeout_s:g} s"
+                )
+            results.append(fn(*args))
+        return results
+    workers = min(cfg.sim_workers, len(calls))
     with (
         multiprocessing.Pool(workers) as pool,
         tqdm(total=len(calls), desc=what, unit="run") as bar,

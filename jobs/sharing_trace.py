@@ -130,10 +130,13 @@ class TraceConfig(Config):
     def _check(self) -> TraceConfig:
         check_plot_path(self.out, self.plot)
         if self.labs > self.providers:
-            raise ValueError(
-                f"--labs {self.labs} exceeds --providers {self.providers}: every "
-                "lab owns at least one provider"
-            )
+            if "labs" in self.model_fields_set:
+                raise ValueError(
+                    f"--labs {self.labs} exceeds --providers {self.providers}: every "
+                    "lab owns at least one provider"
+                )
+            # The default of 100 labs on a small pool: one lab per provider.
+            self.__dict__["labs"] = self.providers
         return self
 
 
