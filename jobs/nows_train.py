@@ -25,7 +25,9 @@ from raysys.runtime import Config, cluster_gpus, init_ray, run_job
 from raysys.runtime.config import OutputDir
 from raysys.runtime.errors import ConfigError
 from raysys.solvers.datasets import generate_instances, load_instances, with_references
+from raysys.solvers.errors import InvalidInstance
 from raysys.solvers.families import get_family
+from raysys.solvers.runner import check_model_fits
 
 logger = logging.getLogger("nows_train")
 
@@ -145,20 +147,15 @@ def _train_remote_or_local(cfg, model, train, test, family, settings):
 
 def _check_init_model(model, path: str, family: str) -> None:
     """The starting model must take the training family's input fields."""
-    fam = get_family(family)
-    trained_on = model.config.metadata.get("family")
-    if trained_on is not None and trained_on != family:
-        raise ConfigError(
-            f"--init-model {path} was trained on {trained_on!r} instances, but the "
-            f"training data is {family!r}; start from a {family!r} operator or "
-            "leave --init-model out"
+    try:
+        check_model_fits(
+            model,
+            family,
+            data="the training data",
+            fix=f"start from a {family!r} operator or leave --init-model out",
         )
-    if model.config.in_channels != len(fam.feature_names):
-        raise ConfigError(
-            f"--init-model {path} takes {model.config.in_channels} input fields, "
-            f"but {family!r} has {len(fam.feature_names)} "
-            f"({', '.join(fam.feature_names)}); leave --init-model out"
-        )
+    except InvalidInstance as e:
+        raise ConfigError(f"--init-model {path}: {e}") from e
 
 
 def main(cfg: NowsTrainConfig) -> None:

@@ -50,7 +50,13 @@ class RunOutcome:
     wall_time_s: float
 
 
-def check_model_fits(model: FNO, family: str) -> None:
+def check_model_fits(
+    model: FNO,
+    family: str,
+    *,
+    data: str = "the data",
+    fix: str = "train one for this family with jobs/nows_train.py",
+) -> None:
     """The model must have been trained on the family's input channels.
 
     Raises:
@@ -60,13 +66,14 @@ def check_model_fits(model: FNO, family: str) -> None:
     trained_on = model.config.metadata.get("family")
     if trained_on is not None and trained_on != family:
         raise InvalidInstance(
-            f"the operator was trained on {trained_on!r} instances, not {family!r}; "
-            "train one for this family with jobs/nows_train.py"
+            f"the operator was trained on {trained_on!r} instances, but {data} is "
+            f"{family!r}; {fix}"
         )
     if model.config.in_channels != len(fam.feature_names):
         raise InvalidInstance(
-            f"the operator takes {model.config.in_channels} input fields; family "
-            f"{family!r} has {len(fam.feature_names)} ({', '.join(fam.feature_names)})"
+            f"the operator takes {model.config.in_channels} input fields, but "
+            f"{family!r} has {len(fam.feature_names)} "
+            f"({', '.join(fam.feature_names)}); {fix}"
         )
 
 
