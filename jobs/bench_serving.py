@@ -366,7 +366,9 @@ def run(cfg: BenchConfig) -> BenchReport:
     profile = resolve_profile(cfg.profile, cfg.roofline)
     logger.info("trace %s: %s", trace.name, trace.summary())
     logger.info("profile %s: %s", profile.name, profile.notes)
-    check_slos_reachable(trace, profile, cfg.ttft_slo_s, cfg.target_attainment)
+    check_slos_reachable(
+        trace, profile, cfg.ttft_slo_s, cfg.target_attainment, cfg.tpot_slo_s
+    )
     results = simulate_policies(cfg, trace, profile)
     statics = {k: v for k, v in results.items() if k not in ("arrow", "colocated")}
     best_label = max(statics, key=lambda k: statics[k].goodput_scale)

@@ -73,7 +73,7 @@ class ServeTraceConfig(Config):
     profile: str = Field(
         "llama-3.1-70b@h100-sxm",
         description="sim: a profile JSON file or a MODEL@GPU roofline preset; real: "
-        "a profile JSON file, or anything else to measure the engine",
+        "a profile JSON file (left out: the engine is measured)",
     )
     roofline: RooflineAssumptions = Field(
         default_factory=RooflineAssumptions,
@@ -128,6 +128,17 @@ class ServeTraceConfig(Config):
             )
         if self.policy == "arrow" and self.instances < 2:
             raise ValueError("arrow needs --instances >= 2 (one per role)")
+        if (
+            self.mode == "real"
+            and "profile" in self.model_fields_set
+            and not Path(self.profile).is_file()
+        ):
+            # Measuring instead would hide a mistyped path.
+            raise ValueError(
+                f"--profile {self.profile!r} is not a file; in real mode give a "
+                "profile JSON file (a *.profile.json an earlier real run wrote), "
+                "or leave --profile out to measure the engine"
+            )
         return self
 
 

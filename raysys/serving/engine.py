@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import numbers
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -52,6 +53,36 @@ class Phase(str, enum.Enum):
 
 class EngineError(RaysysError):
     """A request the engine cannot take (too long, unknown id, duplicate)."""
+
+
+def check_prompt(prompt: Sequence[int], vocab_size: int) -> list[int]:
+    """The prompt as a list of token ids, each checked to be in ``[0, vocab_size)``.
+
+    A token id outside the vocabulary would fail the embedding lookup of the
+    whole batched step it runs in, taking every request in that step with it,
+    so it is refused here, before it reaches a step.
+
+    Raises:
+        ValueError: the prompt is empty, or names the first bad token and its
+            position.
+    """
+    if isinstance(prompt, str | bytes):
+        raise ValueError(f"the prompt is a {type(prompt).__name__}; give token ids")
+    # Arrays and tensors give plain ints this way.
+    tokens = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)
+    if not tokens:
+        raise ValueError("the prompt is empty; give at least one token id")
+    for position, token in enumerate(tokens):
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+            raise ValueError(
+                f"prompt token {position} is {token!r}, not a whole number token id"
+            )
+        if not 0 <= token < vocab_size:
+            raise ValueError(
+                f"prompt token {position} is {int(token)}, outside the model's "
+                f"vocabulary [0, {vocab_size})"
+            )
+    return [int(t) for t in tokens]
 
 
 @dataclass
@@ -172,6 +203,7 @@ class Engine:
         self.stop_ids = frozenset(stop_ids)
         self.clock = clock
         self.max_positions = model.config.max_position_embeddings
+        self.vocab_size = model.config.vocab_size
         self.seqs: dict[int, Seq] = {}
         self.prefill_queue: deque[Seq] = deque()  # QUEUED and PREFILLING
         self.incoming: deque[Seq] = deque()
@@ -189,16 +221,23 @@ class Engine:
     def _check_new(self, request_id: int, num_tokens: int, max_new_tokens: int) -> None:
         if request_id in self.seqs:
             raise EngineError(f"request {request_id} is already on this engine")
-        if max_new_tokens < 1:
+        if (
+            not isinstance(max_new_tokens, numbers.Integral)
+            or isinstance(max_new_tokens, bool)
+            or max_new_tokens < 1
+        ):
             raise EngineError(
-                f"request {request_id}: max_new_tokens={max_new_tokens} must be >= 1"
+                f"request {request_id}: max_new_tokens={max_new_tokens!r} must be a "
+                "whole number >= 1"
             )
-        total = num_tokens + max_new_tokens
-        if total > self.max_positions:
+        # The last token generated is never fed back, so it takes no position.
+        positions = num_tokens + max_new_tokens - 1
+        if positions > self.max_positions:
             raise EngineError(
-                f"request {request_id} needs {total} positions, beyond the model's "
+                f"request {request_id} needs {positions} positions, beyond the model's "
                 f"{self.max_positions}; clip its prompt or max_new_tokens"
             )
+        total = num_tokens + max_new_tokens
         if total > self.kv_capacity_tokens:
             raise EngineError(
                 f"request {request_id} needs {total} KV tokens, more than this "
@@ -218,10 +257,12 @@ class Engine:
         Raises:
             EngineError: the id is taken, the prompt is empty or too long.
         """
-        if not prompt:
-            raise EngineError(f"request {request_id} has an empty prompt")
-        self._check_new(request_id, len(prompt), max_new_tokens)
-        seq = Seq(request_id, list(prompt), max_new_tokens, ignore_eos, Phase.QUEUED)
+        try:
+            tokens = check_prompt(prompt, self.vocab_size)
+        except ValueError as e:
+            raise EngineError(f"request {request_id}: {e}") from e
+        self._check_new(request_id, len(tokens), max_new_tokens)
+        seq = Seq(request_id, tokens, int(max_new_tokens), ignore_eos, Phase.QUEUED)
         self.seqs[request_id] = seq
         self.prefill_queue.append(seq)
 
@@ -471,6 +512,10 @@ def measure_profile(
         (config or EngineConfig()).max_step_tokens,
     )
     lengths = sorted({min(n, limit) for n in prompt_lengths if n >= 1})
+    if len(lengths) < 3:
+        # A small step budget or context folds the lengths into one or two;
+        # the quadratic fit needs three.
+        lengths = sorted({max(1, round(limit * f)) for f in (0.25, 0.5, 1.0)})
     contexts = sorted({min(n, limit) for n in context_tokens if n >= 1})
     engine_config = config or EngineConfig()
     generator = torch.Generator().manual_seed(0)

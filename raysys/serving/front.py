@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,8 +40,8 @@ from typing import Any
 import ray
 from pydantic import BaseModel, ConfigDict, Field
 
-from raysys.runtime.errors import RemoteTimeout
-from raysys.serving.engine import EngineLoad, Finished, FirstToken
+from raysys.runtime.errors import RaysysError, RemoteTimeout
+from raysys.serving.engine import EngineLoad, Finished, FirstToken, check_prompt
 from raysys.serving.instance import InstanceReport, InstanceSpec, start_instances
 from raysys.serving.metrics import FlipEvent, RequestRecord
 from raysys.serving.policy import (
@@ -52,13 +53,17 @@ from raysys.serving.policy import (
     Role,
     ServingPolicy,
 )
-from raysys.serving.trace import Trace
+from raysys.serving.trace import Trace, TraceRequest
 
 logger = logging.getLogger(__name__)
 
 # Engine-side request keys carry the attempt number, so events of an abandoned
 # attempt can never be mistaken for the current one.
 MAX_ATTEMPTS = 64
+
+
+class FrontClosed(RaysysError):
+    """The front was shut down; its instances are gone."""
 
 
 class FrontConfig(BaseModel):
@@ -131,6 +136,7 @@ class ServingFront:
 
     Raises:
         RemoteTimeout: the instances were not ready within ``ready_timeout_s``.
+        RaysysError: an instance failed to start (its error is chained).
     """
 
     def __init__(
@@ -149,11 +155,17 @@ class ServingFront:
         self.roles = policy.initial_roles(num_instances)
         self.polls: dict[Any, int] = {}
         self.ops: dict[Any, _Op] = {}
+        self.requests: dict[int, TrackedRequest] = {}
+        self.closed = False
         self.actors = start_instances(spec, self.roles)
         self.alive = [True] * num_instances
         try:
             reports = ray.get(
                 [a.ready.remote() for a in self.actors],
+                timeout=self.config.ready_timeout_s,
+            )
+            limits = ray.get(
+                [a.model_limits.remote() for a in self.actors],
                 timeout=self.config.ready_timeout_s,
             )
         except ray.exceptions.GetTimeoutError as e:
@@ -162,11 +174,21 @@ class ServingFront:
                 f"{num_instances} instances were not ready within "
                 f"{self.config.ready_timeout_s:g} s"
             ) from e
+        except ray.exceptions.RayError as e:
+            # An instance whose model cannot be built (a bad checkpoint path,
+            # say) dies in its constructor: stop the others with it.
+            self.shutdown()
+            raise RaysysError(
+                f"a serving instance failed to start: {str(e).strip().splitlines()[-1]}"
+            ) from e
         self.loads: list[EngineLoad] = [r.load for r in reports]
+        # Every instance serves the same model; the front checks prompts
+        # against it before sending them anywhere.
+        self.vocab_size = min(v for v, _ in limits)
+        self.max_positions = min(n for _, n in limits)
         self.pending: list[list[float]] = [[0, 0, 0.0, 0, 0] for _ in self.actors]
         for i in range(num_instances):
             self._long_poll(i)
-        self.requests: dict[int, TrackedRequest] = {}
         self.flips: list[FlipEvent] = []
         self.num_instance_failures = 0
         self.t0 = time.monotonic()
@@ -223,35 +245,90 @@ class ServingFront:
     ) -> None:
         """Accept a request now.
 
+        A request too long for the model's context or an instance's KV memory
+        is accepted and fails alone at once (no instance could ever serve it);
+        see its record's ``error``.
+
         Raises:
-            ValueError: the id was used before, or the prompt is empty.
+            ValueError: the id is not a whole number or was used before, the
+                prompt is empty or holds a token outside the vocabulary, or
+                ``max_new_tokens`` is not a whole number >= 1. Nothing is
+                recorded for the request then.
+            FrontClosed: the front was shut down.
         """
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id} was already submitted")
-        if not prompt or max_new_tokens < 1:
-            raise ValueError(
-                f"request {request_id}: give a non-empty prompt and max_new_tokens >= 1"
-            )
-        record = RequestRecord(request_id, self.now(), len(prompt), max_new_tokens)
-        tracked = TrackedRequest(record, list(prompt), max_new_tokens, ignore_eos)
+        self._check_open()
+        tokens = self._validated(request_id, prompt, max_new_tokens)
+        request_id, max_new_tokens = int(request_id), int(max_new_tokens)
+        record = RequestRecord(request_id, self.now(), len(tokens), max_new_tokens)
+        tracked = TrackedRequest(record, tokens, max_new_tokens, ignore_eos)
         self.requests[request_id] = tracked
-        needed = len(prompt) + max_new_tokens
+        # No instance could ever hold these: fail them alone, without retrying.
+        needed = len(tokens) + max_new_tokens
         if needed > self.spec.kv_capacity_tokens:
-            # No instance could ever hold it: fail it alone, without retrying.
             self._fail(
                 tracked,
-                f"needs {needed} KV tokens ({len(prompt)} prompt + "
+                f"needs {needed} KV tokens ({len(tokens)} prompt + "
                 f"{max_new_tokens} output), more than an instance's KV capacity "
                 f"of {self.spec.kv_capacity_tokens}",
             )
             return
+        positions = len(tokens) + max_new_tokens - 1
+        if positions > self.max_positions:
+            self._fail(
+                tracked,
+                f"needs {positions} positions ({len(tokens)} prompt + "
+                f"{max_new_tokens} output - 1), beyond the model's context of "
+                f"{self.max_positions}; clip its prompt or max_new_tokens",
+            )
+            return
         self._dispatch_prefill(tracked)
 
-    def cancel(self, request_id: int) -> None:
-        """Cancel a request; every instance drops it and frees its KV."""
+    def _validated(
+        self, request_id: int, prompt: Sequence[int], max_new_tokens: int
+    ) -> list[int]:
+        """The prompt's token ids, once the request's arguments are checked."""
+        if isinstance(request_id, bool) or not isinstance(request_id, numbers.Integral):
+            raise ValueError(f"request id {request_id!r} is not a whole number")
+        if int(request_id) in self.requests:
+            raise ValueError(f"request id {request_id} was already submitted")
+        if (
+            isinstance(max_new_tokens, bool)
+            or not isinstance(max_new_tokens, numbers.Integral)
+            or max_new_tokens < 1
+        ):
+            raise ValueError(
+                f"request {request_id}: max_new_tokens={max_new_tokens!r} must be a "
+                "whole number >= 1"
+            )
+        try:
+            return check_prompt(prompt, self.vocab_size)
+        except ValueError as e:
+            raise ValueError(f"request {request_id}: {e}") from None
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise FrontClosed(
+                "this serving front was shut down and its instances are gone; "
+                "start a new ServingFront"
+            )
+
+    def cancel(self, request_id: int) -> bool:
+        """Cancel a request; every instance drops it and frees its KV.
+
+        Returns:
+            True if it was cancelled now, False if it had already finished,
+            failed or been cancelled (its record is left as it was).
+
+        Raises:
+            ValueError: no request with this id was submitted.
+            FrontClosed: the front was shut down.
+        """
+        self._check_open()
         tracked = self.requests.get(request_id)
-        if tracked is None or tracked.phase in TERMINAL:
-            return
+        if tracked is None:
+            raise ValueError(f"request id {request_id!r} was never submitted")
+        if tracked.phase in TERMINAL:
+            return False
         tracked.phase = Phase.CANCELLED
         tracked.record.failed = True
         tracked.record.error = "cancelled"
@@ -261,18 +338,53 @@ class ServingFront:
                     "cancel", tracked.key, i
                 )
         logger.info("front: request %d cancelled", request_id)
+        return True
 
-    def flip(self, instance_id: int, role: Role) -> None:
-        """Relabel an instance on an operator's command (the pool may empty)."""
+    def flip(self, instance_id: int, role: Role | str) -> None:
+        """Relabel an instance on an operator's command (the pool may empty).
+
+        Raises:
+            ValueError: no such instance, an unknown role, or a role the
+                policy does not use (``mixed`` is for colocated serving only,
+                and colocated instances take both phases whatever their label).
+            FrontClosed: the front was shut down.
+        """
+        self._check_open()
+        if (
+            isinstance(instance_id, bool)
+            or not isinstance(instance_id, numbers.Integral)
+            or not 0 <= instance_id < len(self.roles)
+        ):
+            raise ValueError(
+                f"instance id {instance_id!r} is not one of 0..{len(self.roles) - 1}"
+            )
+        try:
+            role = Role(role)
+        except ValueError:
+            raise ValueError(
+                f"role {role!r} is unknown; choose one of {[r.value for r in Role]}"
+            ) from None
+        instance_id = int(instance_id)
         old = self.roles[instance_id]
         if old is role:
             return
+        if Role.MIXED in (old, role):
+            raise ValueError(
+                f"instance {instance_id} cannot flip {old.value} -> {role.value}: "
+                "only prefill and decode roles flip (policy "
+                f"{self.policy.name})"
+            )
         self._carry_out(Flip(instance_id, old, role, FlipReason.COMMAND))
 
     # -- the event loop ------------------------------------------------------------
 
     def poll(self, timeout_s: float | None = None) -> None:
-        """Handle whatever has arrived, waiting at most ``timeout_s`` for it."""
+        """Handle whatever has arrived, waiting at most ``timeout_s`` for it.
+
+        Raises:
+            FrontClosed: the front was shut down.
+        """
+        self._check_open()
         timeout_s = self.config.poll_timeout_s if timeout_s is None else timeout_s
         refs = [*self.polls, *self.ops]
         ready = []
@@ -318,11 +430,18 @@ class ServingFront:
     ) -> list[tuple[int, ...]]:
         """Serve ``prompts`` (ids 0..n-1 after those already used) and return outputs.
 
+        A request that failed (too long for the model, say) gives ``()``.
+
         Raises:
+            ValueError: a prompt or ``max_new_tokens`` is invalid; raised before
+                any prompt is sent.
             RemoteTimeout: not all finished within ``timeout_s``.
         """
+        self._check_open()
         first = max(self.requests, default=-1) + 1
         ids = list(range(first, first + len(prompts)))
+        for rid, prompt in zip(ids, prompts, strict=True):
+            self._validated(rid, prompt, max_new_tokens)
         for rid, prompt in zip(ids, prompts, strict=True):
             self.submit(rid, prompt, max_new_tokens, ignore_eos=ignore_eos)
         if not self.run_until_idle(timeout_s):
@@ -348,31 +467,75 @@ class ServingFront:
             rate_scale: arrivals ``rate_scale`` times faster than the trace.
             drain_timeout_s: bound on the wait for the last requests.
             progress: called with the number submitted so far.
+
+        A request the front refuses (an output length below 1, a prompt from
+        ``prompt_of`` with a token outside the vocabulary) fails alone: its
+        record holds the reason and the replay goes on.
+
+        Raises:
+            ValueError: the trace repeats a request id, or uses one already
+                submitted to this front; raised before anything is sent.
         """
+        self._check_open()
         scaled = trace.scaled(rate_scale)
+        ids = [r.request_id for r in scaled]
+        repeated = sorted({i for i in ids if i in self.requests})
+        if len(set(ids)) != len(ids) or repeated:
+            seen: set[int] = set()
+            twice = [i for i in ids if i in seen or seen.add(i)]
+            raise ValueError(
+                f"trace {trace.name}: request ids must be new and unique; "
+                f"{(repeated or twice)[:5]} "
+                + ("were already submitted" if repeated else "appear more than once")
+            )
         start = self.now()
         for count, request in enumerate(scaled, start=1):
             while (wait := start + request.arrival_s - self.now()) > 0:
                 self.poll(min(wait, self.config.poll_timeout_s))
-            self.submit(
-                request.request_id,
-                prompt_of(request.request_id, request.prompt_tokens),
-                request.output_tokens,
-                ignore_eos=True,
-            )
+            prompt = prompt_of(request.request_id, request.prompt_tokens)
+            try:
+                self.submit(
+                    request.request_id, prompt, request.output_tokens, ignore_eos=True
+                )
+            except ValueError as e:
+                self._refused(request.request_id, request, str(e))
             if progress is not None:
                 progress(count)
         if not self.run_until_idle(drain_timeout_s):
             logger.warning("front: replay drain ran out after %g s", drain_timeout_s)
         return [self.requests[r.request_id].record for r in scaled]
 
+    def _refused(self, request_id: int, request: TraceRequest, why: str) -> None:
+        """Record a replayed request the front refused as failed."""
+        record = RequestRecord(
+            request_id, self.now(), request.prompt_tokens, request.output_tokens
+        )
+        record.failed = True
+        record.error = why
+        tracked = TrackedRequest(record, [], request.output_tokens, True)
+        tracked.phase = Phase.FAILED
+        self.requests[request_id] = tracked
+        logger.warning("front: request %d refused: %s", request_id, why)
+
     def shutdown(self) -> None:
-        """Kill every instance actor."""
+        """Kill every instance actor; requests not finished yet fail.
+
+        Finished requests keep their outputs and records. Calling it again does
+        nothing.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        for tracked in self.requests.values():
+            if tracked.phase not in TERMINAL:
+                tracked.holders.clear()  # their instances go away with the rest
+                self._fail(tracked, "the front was shut down before it finished")
         for actor in self.actors:
             try:
                 ray.kill(actor)
             except Exception:  # already gone
                 logger.debug("actor already gone", exc_info=True)
+        self.alive = [False] * len(self.actors)
         self.polls.clear()
         self.ops.clear()
 
@@ -490,6 +653,9 @@ class ServingFront:
         self.loads[i] = report.load
         self._long_poll(i)
         now = self.now()
+        # A prompt whose first token is a stop token ends in the same report:
+        # it has no decode to place.
+        ended = {e.request_id for e in report.events if isinstance(e, Finished)}
         for event in report.events:
             tracked = self._tracked(event.request_id)
             if tracked is None or tracked.phase in TERMINAL:
@@ -497,7 +663,7 @@ class ServingFront:
             if isinstance(event, FirstToken):
                 if math.isnan(tracked.record.first_token_s):
                     tracked.record.first_token_s = now
-                if tracked.max_new_tokens > 1:
+                if tracked.max_new_tokens > 1 and event.request_id not in ended:
                     self._dispatch_decode(tracked, i)
             elif isinstance(event, Finished):
                 if event.error:
@@ -506,6 +672,9 @@ class ServingFront:
                 tracked.phase = Phase.DONE
                 tracked.output = event.output
                 tracked.record.finish_s = now
+                # A stop token may end it early: its TPOT is over the tokens
+                # it generated, not the most it was allowed.
+                tracked.record.output_tokens = len(event.output)
                 # The report of the handoff may come after the end of the
                 # request: free the sender's copy now.
                 tracked.holders.discard(i)

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import ray
 import torch
@@ -60,8 +60,14 @@ class ModelSource(BaseModel):
     num_hidden_layers: int = Field(2, ge=1, description="layers of the tiny model")
     hidden_size: int = Field(64, ge=8, description="width of the tiny model")
     init_std: float = Field(0.02, gt=0, description="init scale of the tiny model")
-    dtype: str = Field("float32", description="float32, bfloat16 or float64")
-    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda'")
+    dtype: Literal["float32", "bfloat16", "float64"] = Field(
+        "float32", description="float32, bfloat16 or float64"
+    )
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'",
+    )
 
     def build(self) -> torch.nn.Module:
         """Load or build the model (on the chosen device, eval mode)."""
@@ -146,6 +152,9 @@ class ServingInstance:
         self.inbox: queue.Queue[_Order] = queue.Queue()
         self.events: list[EngineEvent] = []
         self.events_ready = threading.Condition()
+        # TODO: cancelled keys are kept for the instance's whole life (so a
+        # late handoff cannot revive one); a long-lived instance that sees
+        # millions of cancels would want them aged out.
         self.cancelled: set[int] = set()
         self.stopping = False
         self.error: str = ""
@@ -324,6 +333,10 @@ class ServingInstance:
                 self.events_ready.wait(timeout_s)
             events, self.events = tuple(self.events), []
         return self._report(events)
+
+    def model_limits(self) -> tuple[int, int]:
+        """``(vocab_size, max_positions)`` of the served model."""
+        return self.engine.vocab_size, self.engine.max_positions
 
     def holds(self) -> dict[int, str]:
         """Request id -> phase of every request on this instance."""

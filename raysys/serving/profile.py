@@ -26,6 +26,7 @@ shape and a named GPU's peak numbers, with its assumptions stated).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -185,6 +186,10 @@ class LatencyProfile(BaseModel):
             ConfigError: the file is missing or a field is absent or invalid.
         """
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(
+                f"profile file {str(path)!r} is a folder; give a profile JSON file"
+            )
         if not path.is_file():
             raise ConfigError(
                 f"profile file {str(path)!r} does not exist; write one with "
@@ -225,7 +230,8 @@ def fit_profile(
         notes: how the samples were taken.
 
     Raises:
-        ConfigError: fewer than 3 samples of either kind.
+        ConfigError: fewer than 3 samples of either kind, or a sample with a
+            size below 1 or a time that is negative or not finite.
     """
     from scipy.optimize import nnls  # a heavy import, needed only here
 
@@ -234,6 +240,16 @@ def fit_profile(
             f"fitting needs at least 3 prefill and 3 decode samples, got "
             f"{len(prefill_samples)} and {len(decode_samples)}; measure more sizes"
         )
+    for kind, samples in (("prefill", prefill_samples), ("decode", decode_samples)):
+        for sample in samples:
+            *sizes, seconds = sample
+            if not all(n >= 1 for n in sizes) or not (
+                math.isfinite(seconds) and seconds >= 0
+            ):
+                raise ConfigError(
+                    f"{kind} sample {tuple(sample)!r}: sizes must be >= 1 and the "
+                    "time a finite number of seconds >= 0; measure it again"
+                )
     lengths = np.array([s[0] for s in prefill_samples], dtype=float)
     times = np.array([s[1] for s in prefill_samples], dtype=float)
     # Scale the columns so the solver sees numbers of similar size.

@@ -484,6 +484,11 @@ def find_goodput(
     steeply past the goodput, and not always monotonically (a flip more or
     less changes a run), so the search is precise to about ``rel_tol``.
     """
+    if trace.duration_s <= 0:
+        raise ConfigError(
+            f"trace {trace.name}: all {len(trace)} requests arrive at the same "
+            "time; a goodput search needs arrivals spread over time"
+        )
     curve: list[tuple[float, float]] = []
     name = make_policy().name
 
@@ -598,19 +603,35 @@ def adaptive_headroom(
 
 
 def check_slos_reachable(
-    trace: Trace, profile: LatencyProfile, ttft_slo_s: float, target_attainment: float
+    trace: Trace,
+    profile: LatencyProfile,
+    ttft_slo_s: float,
+    target_attainment: float,
+    tpot_slo_s: float | None = None,
 ) -> None:
     """Refuse SLOs that no policy can meet at any rate.
 
     A request whose prefill alone, on an idle instance, takes longer than the
-    TTFT target misses it under every policy; when more than ``1 -
-    target_attainment`` of the trace are such requests, every goodput is zero and
-    a search would only say so after minutes of simulation.
+    TTFT target misses it under every policy; so does one whose first decode
+    step alone, on an idle instance, takes longer than the TPOT target (later
+    steps only hold more context). When more than ``1 - target_attainment`` of
+    the trace are such requests, every goodput is zero and a search would only
+    say so after minutes of simulation. A trace whose requests all arrive at
+    once has no rate to scale, so it has no goodput either.
 
     Raises:
-        ConfigError: naming the TTFT target, the share of requests out of reach
-            and the shortest target that leaves enough of them.
+        ConfigError: naming the target, the share of requests out of reach
+            and the shortest target that leaves enough of them; or the trace
+            spans no time.
     """
+    if trace.duration_s <= 0:
+        raise ConfigError(
+            f"trace {trace.name}: all {len(trace)} requests arrive at the same "
+            "time, so it has no request rate to scale and no goodput; give a "
+            "trace whose arrivals span some time"
+        )
+    if tpot_slo_s is not None:
+        _check_tpot_reachable(trace, profile, tpot_slo_s, target_attainment)
     prefill = np.array([profile.prefill_time_s(r.prompt_tokens) for r in trace])
     out_of_reach = float(np.mean(prefill > ttft_slo_s))
     if out_of_reach > 1.0 - target_attainment + 1e-9:
@@ -621,4 +642,30 @@ def check_slos_reachable(
             f"{profile.name}, so no policy reaches {target_attainment:.0%} "
             f"attainment at any rate; use a TTFT target above {needed:.2f} s "
             "(--ttft-slo-s)"
+        )
+
+
+def _check_tpot_reachable(
+    trace: Trace, profile: LatencyProfile, tpot_slo_s: float, target_attainment: float
+) -> None:
+    # A one-token answer has no TPOT; every other one takes at least its first
+    # decode step alone on an idle instance per token.
+    alone = np.array(
+        [
+            profile.decode_step_time_s(r.prompt_tokens + 1, 1)
+            if r.output_tokens > 1
+            else 0.0
+            for r in trace
+        ]
+    )
+    out_of_reach = float(np.mean(alone > tpot_slo_s))
+    if out_of_reach > 1.0 - target_attainment + 1e-9:
+        needed = float(np.quantile(alone, target_attainment, method="higher"))
+        raise ConfigError(
+            f"TPOT target {tpot_slo_s:g} s: {out_of_reach:.1%} of the requests of "
+            f"{trace.name} need longer than that per token even decoding alone on "
+            f"{profile.name} (a decode step costs at least "
+            f"{profile.decode_overhead_s:.3g} s), so no policy reaches "
+            f"{target_attainment:.0%} attainment at any rate; use a TPOT target "
+            f"above {needed:.3f} s (--tpot-slo-s)"
         )

@@ -21,13 +21,18 @@ split of prefill and decode instances is wrong half of the time.
 
 from __future__ import annotations
 
+import codecs
+import contextlib
+import gzip
 import json
 import logging
 import math
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
+from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
@@ -38,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 # How many malformed rows are kept verbatim in a trace's report.
 MAX_MALFORMED_EXAMPLES = 20
+# The first two bytes of a gzip file.
+GZIP_MAGIC = b"\x1f\x8b"
 # Latest arrival a replay takes (seconds from the start; about 30,000 years).
 MAX_ARRIVAL_S = 1e12
 
@@ -284,8 +291,12 @@ def read_azure_csv(path: str | Path) -> Trace:
     path = _existing(path)
     collector = _Collector(path.name)
     # Each line is parsed on its own (`raysys.runtime.tables`): a stray quote
-    # or undecodable bytes cost their own row, counted, never the rest.
-    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+    # or undecodable bytes cost their own row, counted, never the rest. A
+    # byte-order mark (spreadsheet exports write one) is not part of the header.
+    with (
+        _damaged_gzip_is_config_error(path),
+        _open_text(path, newline="", encoding="utf-8-sig", errors="replace") as f,
+    ):
         header = csv_line(f.readline())
         if not header:
             raise ConfigError(f"trace {path} is empty; expected a header line")
@@ -294,7 +305,7 @@ def read_azure_csv(path: str | Path) -> Trace:
         if missing:
             raise ConfigError(
                 f"trace {path} lacks column(s) {missing}; an Azure trace has the "
-                f"header {','.join(AZURE_COLUMNS)} (got {','.join(header)})"
+                f"header {','.join(AZURE_COLUMNS)} (got {_short(','.join(header), 120)})"
             )
         index = [header.index(c) for c in AZURE_COLUMNS]
         for line, row in csv_rows(f, first_line=2):
@@ -324,8 +335,10 @@ def read_mooncake_jsonl(path: str | Path) -> Trace:
     """
     path = _existing(path)
     collector = _Collector(path.name)
-    with path.open("rb") as f:
+    with _damaged_gzip_is_config_error(path), _open_binary(path) as f:
         for line, raw in enumerate(f, start=1):
+            if line == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]  # a byte-order mark, not data
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -362,11 +375,17 @@ def read_mooncake_jsonl(path: str | Path) -> Trace:
 def load_trace(path: str | Path) -> Trace:
     """Read a trace, choosing the reader by extension (``.csv`` or ``.jsonl``).
 
+    A gzip-compressed file (``trace.csv.gz``, or compressed under its plain
+    name) is read as it is.
+
     Raises:
         ConfigError: unknown extension, missing file, or unreadable header.
     """
-    path = Path(path)
-    suffix = path.suffix.lower()
+    path = _existing(path)
+    suffixes = [x.lower() for x in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes.pop()
+    suffix = suffixes[-1] if suffixes else ""
     if suffix == ".csv":
         return read_azure_csv(path)
     if suffix in (".jsonl", ".json"):
@@ -377,6 +396,21 @@ def load_trace(path: str | Path) -> Trace:
     )
 
 
+def _gzipped(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(2) == GZIP_MAGIC
+
+
+def _open_binary(path: Path) -> BinaryIO:
+    return gzip.open(path, "rb") if _gzipped(path) else path.open("rb")
+
+
+def _open_text(path: Path, **kwargs: Any) -> TextIO:
+    if _gzipped(path):
+        return gzip.open(path, "rt", **kwargs)
+    return path.open(**kwargs)
+
+
 def _existing(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
@@ -384,6 +418,19 @@ def _existing(path: str | Path) -> Path:
     if not path.is_file():
         raise ConfigError(f"trace file {str(path)!r} does not exist; give its path")
     return path
+
+
+@contextlib.contextmanager
+def _damaged_gzip_is_config_error(path: Path) -> Iterator[None]:
+    # A truncated or corrupt gzip stream fails mid-read; the rows after the
+    # damage cannot be recovered, so the whole read fails, saying why.
+    try:
+        yield
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ConfigError(
+            f"trace {path}: its gzip data is damaged ({e}); decompress it again "
+            "or fetch a fresh copy"
+        ) from e
 
 
 @dataclass(frozen=True)

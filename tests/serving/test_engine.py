@@ -148,9 +148,9 @@ def test_cancel_of_an_accepted_request_before_admission(model):
 def test_bad_requests_fail_alone_with_clear_errors(model):
     engine = Engine(model, EngineConfig(), kv_capacity_tokens=1000)
     context = model.config.max_position_embeddings
-    with pytest.raises(EngineError, match=f"beyond the model's {context}"):
-        engine.add_prefill(0, prompt(context, 1), 1)
-    with pytest.raises(EngineError, match="empty prompt"):
+    with pytest.raises(EngineError, match=f"needs {context + 1} positions, beyond"):
+        engine.add_prefill(0, prompt(context, 1), 2)
+    with pytest.raises(EngineError, match="prompt is empty"):
         engine.add_prefill(1, [], 4)
     engine.add_prefill(2, prompt(8, 2), 4, ignore_eos=True)
     with pytest.raises(EngineError, match="already on this engine"):
@@ -190,3 +190,84 @@ def test_measured_profile_predicts_engine_steps(model):
     assert profile.prefill_time_s(256) > profile.prefill_time_s(16) > 0
     assert profile.decode_step_time_s(8 * 128, 8) > 0
     assert profile.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4  # L, K/V, Hkv, Dh, fp32
+
+
+def test_prompt_filling_the_whole_context_gets_its_one_token(model):
+    # The last token generated is never fed back, so a prompt of the model's
+    # full context still has room for its first token (and one shorter, for two).
+    context = model.config.max_position_embeddings
+    engine = Engine(model, EngineConfig(max_step_tokens=128), kv_capacity_tokens=2048)
+    full, almost = prompt(context, 11), prompt(context - 1, 12)
+    engine.add_prefill(0, full, 1, ignore_eos=True)
+    engine.add_prefill(1, almost, 2, ignore_eos=True)
+    outputs = drain(engine)
+    assert outputs[0] == tuple(greedy_generate(model, full, 1, stop_ids=()))
+    assert outputs[1] == tuple(greedy_generate(model, almost, 2, stop_ids=()))
+    assert engine.kv_used_tokens == 0
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ([5, 259, 7], "prompt token 1 is 259, outside the model's vocabulary"),
+        ([-1, 5], "prompt token 0 is -1, outside"),
+        ([1.5, 2], "prompt token 0 is 1.5, not a whole number"),
+        ([True, 2], "prompt token 0 is True, not a whole number"),
+        ("hello", "the prompt is a str"),
+    ],
+)
+def test_a_token_outside_the_vocabulary_is_refused_before_any_step(model, bad, match):
+    # Such a token used to reach the batched step and fail its embedding lookup,
+    # failing every request sharing that step with it.
+    engine = Engine(model, EngineConfig(max_step_tokens=CHUNK))
+    good = prompt(20, seed=5)
+    engine.add_prefill(0, good, 6, ignore_eos=True)
+    with pytest.raises(EngineError, match=match):
+        engine.add_prefill(1, bad, 6, ignore_eos=True)
+    assert drain(engine) == {0: tuple(greedy_generate(model, good, 6, stop_ids=()))}
+
+
+@pytest.mark.parametrize("max_new_tokens", [0, -3, 2.5, True])
+def test_max_new_tokens_must_be_a_whole_number_of_at_least_one(model, max_new_tokens):
+    engine = Engine(model, EngineConfig())
+    with pytest.raises(EngineError, match=f"max_new_tokens={max_new_tokens!r}"):
+        engine.add_prefill(0, [1, 2, 3], max_new_tokens)
+    assert engine.seqs == {}
+
+
+def test_array_prompts_are_served_like_lists(model):
+    import numpy as np
+
+    p = prompt(30, seed=6)
+    engine = Engine(model, EngineConfig(max_step_tokens=CHUNK))
+    engine.add_prefill(0, np.array(p), 5, ignore_eos=True)
+    engine.add_prefill(1, torch.tensor(p), 5, ignore_eos=True)
+    outputs = drain(engine)
+    expected = tuple(greedy_generate(model, p, 5, stop_ids=()))
+    assert outputs == {0: expected, 1: expected}
+
+
+def test_profile_is_measured_under_a_small_step_budget(model):
+    # A budget below the default prompt lengths used to fold them into one
+    # length, and the fit refused to run.
+    profile = measure_profile(
+        model,
+        EngineConfig(max_step_tokens=8),
+        batch_sizes=(1, 2, 4),
+        context_tokens=(8,),
+        num_decode_steps=2,
+    )
+    assert profile.source == "fit"
+    assert "prefill of [2, 4, 8] tokens" in profile.notes
+
+
+@pytest.mark.parametrize(
+    "field,value", [("dtype", "float16"), ("device", "gpu"), ("device", "cuda:x")]
+)
+def test_model_source_refuses_unknown_dtypes_and_devices(field, value):
+    # They used to pass and fail inside each instance actor as it started.
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=field):
+        ModelSource(**{field: value})
+    assert ModelSource(device="cuda:1").device == "cuda:1"

@@ -11,11 +11,19 @@ import ray
 import torch
 
 from raysys.models.llama import greedy_generate
+from raysys.runtime.errors import RaysysError
 from raysys.serving.batching import EngineConfig
-from raysys.serving.front import FrontConfig, ServingFront
+from raysys.serving.front import FrontClosed, FrontConfig, ServingFront
 from raysys.serving.instance import InstanceSpec, ModelSource
-from raysys.serving.policy import ArrowPolicy, Role, SloTargets, StaticSplitPolicy
+from raysys.serving.policy import (
+    ArrowPolicy,
+    ColocatedPolicy,
+    Role,
+    SloTargets,
+    StaticSplitPolicy,
+)
 from raysys.serving.profile import LatencyProfile
+from raysys.serving.trace import Trace, TraceRequest
 
 pytestmark = pytest.mark.slow
 
@@ -274,3 +282,168 @@ def test_killing_a_prefill_instance_mid_handoff_retries_only_its_requests(
         assert front.generate([prompts[0]], NEW_TOKENS, timeout_s=60) == [expected[0]]
     finally:
         front.shutdown()
+
+
+@pytest.mark.parametrize(
+    "request_id,tokens,max_new_tokens,match",
+    [
+        (700, [], 4, "request 700: the prompt is empty"),
+        (700, [1, 2, 259], 4, "prompt token 2 is 259, outside the model's vocab"),
+        (700, [1, -5], 4, "prompt token 1 is -5"),
+        (700, [1, 2], 0, "max_new_tokens=0 must be a whole number >= 1"),
+        (700, [1, 2], 2.5, "max_new_tokens=2.5"),
+        (7.5, [1, 2], 4, "request id 7.5 is not a whole number"),
+        (True, [1, 2], 4, "request id True is not a whole number"),
+    ],
+)
+def test_bad_request_arguments_are_refused_and_nothing_is_recorded(
+    arrow_front, request_id, tokens, max_new_tokens, match
+):
+    # A token outside the vocabulary used to reach an instance's batched step,
+    # whose failure failed every request in that step with it.
+    before = dict(arrow_front.requests)
+    with pytest.raises(ValueError, match=match):
+        arrow_front.submit(request_id, tokens, max_new_tokens)
+    assert arrow_front.requests == before
+
+
+def test_duplicate_ids_and_cancels_of_unknown_or_finished_requests(arrow_front, model):
+    front = arrow_front
+    good = prompt(12, seed=710)
+    front.submit(710, good, 3, ignore_eos=True)
+    with pytest.raises(ValueError, match="request id 710 was already submitted"):
+        front.submit(710, good, 3)
+    assert front.run_until_idle(60)
+    assert front.outputs()[710] == expected_outputs(model, [good], 3)[0]
+    assert front.cancel(710) is False  # finished: left as it was
+    assert front.requests[710].phase == "done" and not front.requests[710].record.failed
+    with pytest.raises(ValueError, match="request id 711 was never submitted"):
+        front.cancel(711)
+    front.submit(711, good, 50, ignore_eos=True)
+    assert front.cancel(711) is True
+    assert front.cancel(711) is False
+    assert front.requests[711].record.error == "cancelled"
+
+
+def test_prompts_at_the_context_length_are_served_or_fail_alone_at_once(
+    arrow_front, model
+):
+    front = arrow_front
+    context = SOURCE.max_position_embeddings
+    full = prompt(context, seed=720)
+    front.submit(720, full, 1, ignore_eos=True)  # its one token takes no position
+    front.submit(721, full, 2, ignore_eos=True)
+    over = front.requests[721].record
+    assert over.failed and over.num_retries == 0
+    assert over.error.startswith(f"needs {context + 1} positions")
+    assert front.run_until_idle(60)
+    assert front.outputs()[720] == expected_outputs(model, [full], 1)[0]
+
+
+def test_generate_checks_every_prompt_before_sending_any(arrow_front):
+    front = arrow_front
+    before = set(front.requests)
+    with pytest.raises(ValueError, match="prompt token 0 is 300"):
+        front.generate([prompt(10, seed=730), [300, 1]], 4)
+    assert set(front.requests) == before  # the good first prompt was not sent
+
+
+def test_operator_flips_are_checked(arrow_front):
+    front = arrow_front
+    roles = list(front.roles)
+    for instance_id, role, match in [
+        (4, "decode", "instance id 4 is not one of 0..3"),
+        (-1, "decode", "instance id -1 is not one of 0..3"),
+        (0, "both", "role 'both' is unknown"),
+        (0, Role.MIXED, "only prefill and decode roles flip"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            front.flip(instance_id, role)
+    assert front.roles == roles and all(isinstance(r, Role) for r in roles)
+    (i, _) = next((i, r) for i, r in enumerate(roles) if r is Role.PREFILL)
+    flips = len(front.flips)
+    front.flip(i, "decode")  # a role's name works too
+    assert front.roles[i] is Role.DECODE and len(front.flips) == flips + 1
+    front.flip(i, Role.PREFILL)
+    assert front.roles == roles
+
+
+def test_replay_fails_a_refused_request_alone(arrow_front, model):
+    front = arrow_front
+    requests = [
+        TraceRequest(800, 0.0, 20, 5),
+        TraceRequest(801, 0.01, 20, 0),  # nothing to generate
+        TraceRequest(802, 0.02, 30, 5),
+    ]
+    prompts = {800: prompt(20, seed=800), 801: prompt(20, 801), 802: prompt(30, 802)}
+    records = front.replay(Trace("hand", requests), lambda rid, n: prompts[rid])
+    assert [r.request_id for r in records] == [800, 801, 802]
+    assert records[1].failed and "max_new_tokens=0" in records[1].error
+    outputs = front.outputs()
+    assert outputs[800] == expected_outputs(model, [prompts[800]], 5)[0]
+    assert outputs[802] == expected_outputs(model, [prompts[802]], 5)[0]
+    # A trace reusing ids is refused before anything is sent.
+    with pytest.raises(ValueError, match=r"\[800\] were already submitted"):
+        front.replay(Trace("again", requests[:1]), lambda rid, n: prompts[rid])
+    twice = [TraceRequest(810, 0.0, 5, 2), TraceRequest(810, 0.1, 5, 2)]
+    with pytest.raises(ValueError, match=r"\[810\] appear more than once"):
+        front.replay(Trace("twice", twice), lambda rid, n: [1] * n)
+    assert 810 not in front.requests
+
+
+def test_stop_tokens_end_requests_early_with_their_own_tpot(arrow_front, model):
+    front = arrow_front
+    # Greedy continuations of these prompts under the test model's weights:
+    # a stop token first, and a stop token second.
+    first, second = prompt(8, seed=594), prompt(20, seed=89)
+    stop = model.config.stop_token_ids
+    assert greedy_generate(model, first, 10)[0] in stop
+    assert len(greedy_generate(model, second, 10)) == 2
+    dispatched = sum(front.policy.counters.dispatch_reasons.values())
+    front.submit(820, first, 10)
+    front.submit(821, second, 10)
+    assert front.run_until_idle(60)
+    outputs = front.outputs()
+    assert outputs[820] == tuple(greedy_generate(model, first, 10))
+    assert outputs[821] == tuple(greedy_generate(model, second, 10))
+    ended_at_once, ended_second = (front.requests[r].record for r in (820, 821))
+    # The one that ended on its first token had no decode to place.
+    assert ended_at_once.decode_instance == -1 and not ended_at_once.handoff
+    assert ended_at_once.output_tokens == 1 and ended_at_once.tpot_s == 0.0
+    assert ended_second.output_tokens == 2
+    assert ended_second.tpot_s == pytest.approx(
+        ended_second.finish_s - ended_second.first_token_s
+    )
+    # Two prefills and one decode placed, not two.
+    assert sum(front.policy.counters.dispatch_reasons.values()) == dispatched + 3
+
+
+def test_shutdown_fails_unfinished_requests_and_keeps_finished_ones(ray_cluster, model):
+    front = ServingFront(ColocatedPolicy(PROFILE, SLO), SPEC, 1)
+    done = prompt(10, seed=900)
+    assert front.generate([done], 3) == expected_outputs(model, [done], 3)
+    front.submit(1, prompt(50, seed=901), 400, ignore_eos=True)
+    front.poll()
+    front.shutdown()
+    unfinished = front.requests[1].record
+    assert unfinished.failed and "shut down" in unfinished.error
+    assert front.outputs() == {0: expected_outputs(model, [done], 3)[0]}
+    assert not front.busy()
+    for call in (
+        lambda: front.submit(2, done, 3),
+        lambda: front.poll(),
+        lambda: front.cancel(1),
+        lambda: front.flip(0, Role.MIXED),
+    ):
+        with pytest.raises(FrontClosed, match="was shut down"):
+            call()
+    front.shutdown()  # again: nothing happens
+
+
+def test_an_instance_that_cannot_start_is_a_clear_error(ray_cluster, tmp_path):
+    missing = tmp_path / "no-checkpoint"
+    spec = SPEC.model_copy(update={"source": ModelSource(path=str(missing))})
+    with pytest.raises(
+        RaysysError, match="a serving instance failed to start: .*no-checkpoint"
+    ):
+        ServingFront(ColocatedPolicy(PROFILE, SLO), spec, 2)

@@ -126,3 +126,40 @@ def test_bench_simulation_reports_goodput_per_policy(tmp_path):
     assert report["headroom_ratio"] >= 1.0
     assert len(report["curves"]["arrow"]) == 2
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_bench_refuses_a_trace_arriving_all_at_once_before_any_work(tmp_path, capsys):
+    job = load_job("bench_serving")
+    trace = tmp_path / "burst.csv"
+    trace.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        + "2023-11-16 18:15:46.0000000,100,20\n" * 12
+    )
+    out = tmp_path / "bench.json"
+    argv = ["--trace", str(trace), "--instances", "2", "--no-real", "--out", str(out)]
+    assert job.run_job(job.BenchConfig, job.run, argv) == 1
+    assert "all 12 requests arrive at the same time" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bench_refuses_a_tpot_target_below_any_decode_step(tmp_path, capsys):
+    job = load_job("bench_serving")
+    out = tmp_path / "bench.json"
+    argv = ["--trace", "synthetic", "--max-requests", "50", "--instances", "2"]
+    argv += ["--tpot-slo-s", "0.001", "--no-real", "--out", str(out)]
+    assert job.run_job(job.BenchConfig, job.run, argv) == 1
+    err = capsys.readouterr().err
+    assert "TPOT target 0.001 s" in err and "--tpot-slo-s" in err
+    assert not out.exists()
+
+
+def test_serve_trace_real_mode_refuses_a_profile_that_is_not_a_file(tmp_path, capsys):
+    # It used to measure the engine instead, hiding the mistyped path.
+    job = load_job("serve_trace")
+    missing = tmp_path / "prof.json"
+    argv = ["--mode", "real", "--instances", "2", "--profile", str(missing)]
+    assert job.run_job(job.ServeTraceConfig, job.run, argv) == 2
+    assert f"--profile {str(missing)!r} is not a file" in capsys.readouterr().err
+    # Left out, real mode measures the engine; in sim mode a preset is fine.
+    assert job.ServeTraceConfig(mode="real", instances=2).profile
+    job.ServeTraceConfig(mode="sim", profile="llama-3.1-8b@l40s")

@@ -141,3 +141,36 @@ def test_roofline_rejects_unknown_names_and_models_that_do_not_fit():
         roofline_profile(
             "llama-3.1-70b", "h100-sxm", RooflineAssumptions(tensor_parallel=1)
         )
+
+
+@pytest.mark.parametrize(
+    "prefill,decode,match",
+    [
+        (
+            [(16, 0.1), (32, float("nan")), (64, 0.3)],
+            None,
+            r"prefill sample \(32, nan\)",
+        ),
+        ([(0, 0.1), (32, 0.2), (64, 0.3)], None, r"prefill sample \(0, 0.1\)"),
+        (None, [(10, 1, 0.1), (20, 0, 0.2), (30, 1, 0.3)], r"decode sample \(20, 0"),
+        (None, [(10, 1, -0.1), (20, 1, 0.2), (30, 1, 0.3)], r"decode sample"),
+    ],
+)
+def test_fit_refuses_bad_samples_by_name(prefill, decode, match):
+    # They used to reach the solver, which failed with a bare numpy error.
+    good_prefill = [(16, 0.1), (32, 0.2), (64, 0.3)]
+    good_decode = [(10, 1, 0.1), (20, 2, 0.2), (30, 3, 0.3)]
+    with pytest.raises(ConfigError, match=match):
+        fit_profile(
+            prefill or good_prefill,
+            decode or good_decode,
+            name="bad",
+            kv_capacity_tokens=100,
+            kv_bytes_per_token=8,
+            kv_transfer_bytes_per_s=1e9,
+        )
+
+
+def test_profile_file_that_is_a_folder_is_named_so(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder; give a profile JSON file"):
+        LatencyProfile.load(tmp_path)

@@ -282,3 +282,46 @@ def test_slos_out_of_reach_of_lone_prefills_are_refused():
         check_slos_reachable(trace, PROFILE, 0.5, 0.9)
     check_slos_reachable(trace, PROFILE, 0.5, 0.8)  # 20% may miss: allowed
     check_slos_reachable(trace, PROFILE, 1.2, 0.9)  # every prefill fits
+
+
+def test_tpot_out_of_reach_of_lone_decodes_is_refused():
+    # A lone decode step costs 0.01 + 1e-5 * (prompt + 1) + 1e-4 s: 0.0111 s for
+    # 99-token prompts, 0.02 s for 989-token ones (3 of 10 here). One-token
+    # answers have no TPOT and never count against it.
+    requests = [(i, 99, 4) for i in range(6)] + [(6, 989, 1)]
+    requests += [(7 + i, 989, 4) for i in range(3)]
+    trace = trace_of(*requests)
+    with pytest.raises(
+        ConfigError, match=r"TPOT target 0.015 s: 30.0% .* above 0.020 s"
+    ):
+        check_slos_reachable(trace, PROFILE, 10.0, 0.9, tpot_slo_s=0.015)
+    check_slos_reachable(trace, PROFILE, 10.0, 0.7, tpot_slo_s=0.015)
+    check_slos_reachable(trace, PROFILE, 10.0, 0.9, tpot_slo_s=0.021)
+
+
+def test_a_trace_arriving_all_at_once_has_no_goodput():
+    # Scaling its rate changes nothing: the search used to double the scale 24
+    # times and report a goodput of 0 req/s as a success.
+    trace = trace_of(*[(5.0, 100, 4)] * 12)
+    with pytest.raises(ConfigError, match="all 12 requests arrive at the same time"):
+        check_slos_reachable(trace, PROFILE, 10.0, 0.9)
+    with pytest.raises(ConfigError, match="arrive at the same time"):
+        find_goodput(static(), PROFILE, trace, num_instances=2)
+    # A single replay of it is fine.
+    result = simulate(static(), PROFILE, trace, num_instances=2)
+    assert all(r.completed for r in result.records)
+
+
+@pytest.mark.parametrize("num_instances", [1, 64])
+def test_colocated_pool_of_one_or_many_serves_a_lone_request_alone(num_instances):
+    trace = trace_of((0.0, 100, 5))
+    result = simulate(
+        lambda: ColocatedPolicy(PROFILE, SLO),
+        PROFILE,
+        trace,
+        num_instances=num_instances,
+    )
+    (record,) = result.records
+    assert record.ttft_s == pytest.approx(PROFILE.prefill_time_s(100))
+    assert record.finish_s - record.first_token_s == pytest.approx(decode_time(100, 5))
+    assert record.prefill_instance == record.decode_instance == 0

@@ -153,7 +153,8 @@ def test_mooncake_reader_counts_bad_bytes_and_huge_numbers_as_their_own_rows(
 
 
 def test_load_trace_dispatches_on_extension(tmp_path):
-    with pytest.raises(ConfigError, match="extension"):
+    (tmp_path / "trace.parquet").write_bytes(b"PAR1")
+    with pytest.raises(ConfigError, match="extension '.parquet'"):
         load_trace(tmp_path / "trace.parquet")
     with pytest.raises(ConfigError, match="does not exist"):
         load_trace(tmp_path / "missing.csv")
@@ -244,3 +245,72 @@ def test_real_mooncake_trace_reads_cleanly():
     assert len(trace) == 3993
     assert trace.num_malformed == 0
     assert trace.requests[0].prompt_tokens == 40160
+
+
+AZURE_TWO = (
+    "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+    "2023-11-16 18:15:46.5000000,374,44\n"
+    "2023-11-16 18:15:47.0000000,396,109\n"
+)
+
+
+def _azure_two_rows_ok(trace) -> None:
+    assert [(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in trace] == [
+        (0.0, 374, 44),
+        (pytest.approx(0.5), 396, 109),
+    ]
+    assert trace.num_malformed == 0
+
+
+@pytest.mark.parametrize("variant", ["bom", "crlf", "bom+crlf"])
+def test_azure_reader_takes_a_byte_order_mark_and_crlf_lines(tmp_path, variant):
+    # A spreadsheet export starts with a BOM; it was taken for part of the
+    # first column's name, and the file refused for lacking TIMESTAMP.
+    text = AZURE_TWO.replace("\n", "\r\n") if "crlf" in variant else AZURE_TWO
+    data = ("\ufeff" if "bom" in variant else "").encode() + text.encode()
+    path = tmp_path / "azure.csv"
+    path.write_bytes(data)
+    _azure_two_rows_ok(load_trace(path))
+
+
+def test_mooncake_reader_takes_a_byte_order_mark(tmp_path):
+    # The BOM used to cost the first row, counted as "not JSON".
+    rows = [{"timestamp": 0, "input_length": 5, "output_length": 3}] * 2
+    path = tmp_path / "mooncake.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(map(json.dumps, rows)).encode())
+    trace = load_trace(path)
+    assert len(trace) == 2 and trace.num_malformed == 0
+
+
+@pytest.mark.parametrize("name", ["azure.csv.gz", "azure.csv"])
+def test_gzip_compressed_traces_are_read(tmp_path, name):
+    import gzip
+
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(AZURE_TWO.encode()))
+    _azure_two_rows_ok(load_trace(path))
+
+
+def test_a_damaged_gzip_trace_is_a_clear_error(tmp_path):
+    import gzip
+
+    path = tmp_path / "azure.csv.gz"
+    path.write_bytes(gzip.compress(AZURE_TWO.encode() * 50)[:40])
+    with pytest.raises(ConfigError, match="azure.csv.gz: its gzip data is damaged"):
+        load_trace(path)
+
+
+def test_a_folder_is_named_as_a_folder(tmp_path):
+    # It used to be refused for its extension ('') instead.
+    with pytest.raises(ConfigError, match="is a folder; give a trace file"):
+        load_trace(tmp_path)
+
+
+def test_extra_columns_in_any_order_are_ignored(tmp_path):
+    path = tmp_path / "azure.csv"
+    path.write_text(
+        "id,GeneratedTokens,TIMESTAMP,note,ContextTokens\n"
+        "a,44,2023-11-16 18:15:46.5000000,x,374\n"
+        "b,109,2023-11-16 18:15:47.0000000,y,396\n"
+    )
+    _azure_two_rows_ok(load_trace(path))
