@@ -151,9 +151,11 @@ def _median_ratio(slow: GenerationReport, fast: GenerationReport) -> float | Non
 def main(cfg: BenchConfig) -> BenchReport:
     prompts = read_prompts(cfg.prompts, cfg.num_prompts, cfg.prompt_template)
     expert_nbytes, num_experts = store_facts(cfg)
+    # The engine's default cache is a quarter of the experts, at least one: a
+    # model of fewer than 4 experts gets one, and the bench must accept it.
     capacity, quarter = (
         cache_capacity(cfg, expert_nbytes, num_experts),
-        num_experts // 4,
+        max(1, num_experts // 4),
     )
     if capacity > quarter:
         asked = (
@@ -237,6 +239,12 @@ def main(cfg: BenchConfig) -> BenchReport:
     return bench
 
 
+def _fmt(value: float | None, spec: str, unit: str = "") -> str:
+    # None where a figure has no value (TPOT when every output is one token,
+    # the acceptance of ar): printed as n/a.
+    return "n/a" if value is None else f"{value:{spec}}{unit}"
+
+
 def _print(bench: BenchReport, out: Path) -> None:
     print(
         f"cache {bench.cache_experts} of {bench.num_experts_total} experts "
@@ -246,24 +254,26 @@ def _print(bench: BenchReport, out: Path) -> None:
     )
     for mode, summary in bench.modes.items():
         print(
-            f"  {mode:<12} TPOT {summary.tpot_ms:7.2f} ms  acceptance "
-            f"{summary.acceptance_rate if summary.acceptance_rate is None else round(summary.acceptance_rate, 3)}"
-            f"  cache hits {summary.cache_hit_rate:.3f}  stall "
-            f"{summary.stall_ms_per_token:.2f} ms/token  experts/pass "
-            f"{summary.experts_per_pass:.1f}  link floor "
-            f"{summary.link_floor_ms_per_token:.2f} ms/token"
+            f"  {mode:<12} TPOT {_fmt(summary.tpot_ms, '7.2f', ' ms')}  acceptance "
+            f"{_fmt(summary.acceptance_rate, '.3f')}"
+            f"  cache hits {_fmt(summary.cache_hit_rate, '.3f')}  stall "
+            f"{_fmt(summary.stall_ms_per_token, '.2f', ' ms/token')}  experts/pass "
+            f"{_fmt(summary.experts_per_pass, '.1f')}  link floor "
+            f"{_fmt(summary.link_floor_ms_per_token, '.2f', ' ms/token')}"
         )
     print(
-        f"sd-prefetch (cutoff {bench.cutoff}) is {bench.speedup_vs_sd:.2f}x faster per "
-        f"token than sd and {bench.speedup_vs_ar:.2f}x faster than ar; prefetch recall "
-        f"{bench.prefetch_recall}"
+        f"sd-prefetch (cutoff {bench.cutoff}) is {_fmt(bench.speedup_vs_sd, '.2f', 'x')} "
+        f"faster per token than sd and {_fmt(bench.speedup_vs_ar, '.2f', 'x')} faster "
+        f"than ar; prefetch recall {bench.prefetch_recall}"
     )
     print(
-        f"median per-prompt speedups: {bench.speedup_vs_sd_median:.2f}x vs sd, "
-        f"{bench.speedup_vs_ar_median:.2f}x vs ar"
+        f"median per-prompt speedups: {_fmt(bench.speedup_vs_sd_median, '.2f', 'x')} "
+        f"vs sd, {_fmt(bench.speedup_vs_ar_median, '.2f', 'x')} vs ar"
     )
     if bench.sweep_tpot_ms:
-        row = ", ".join(f"{c}: {t:.2f}" for c, t in bench.sweep_tpot_ms.items())
+        row = ", ".join(
+            f"{c}: {_fmt(t, '.2f')}" for c, t in bench.sweep_tpot_ms.items()
+        )
         print(f"TPOT (ms) by cutoff: {row}")
     print(f"greedy outputs identical in every run: {bench.outputs_identical}")
     print(f"report: {out}, plot: {out.with_suffix('.png')}")

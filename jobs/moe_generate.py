@@ -48,16 +48,22 @@ def main(cfg: GenerateConfig) -> None:
     with MoEEngine(MoEEngineConfig.of(cfg)) as engine:
         report = engine.generate(prompts, cfg.max_new_tokens)
     path = report.write(Path(cfg.out))
-    recall = report.prefetch_recall
     print(
         f"{report.mode}: {report.num_tokens} tokens over {report.num_prompts} prompts, "
-        f"TPOT {report.tpot_ms:.2f} ms, {report.tokens_per_s:.1f} tokens/s, "
-        f"acceptance {report.acceptance_rate}, cutoff {report.cutoff}, "
-        f"prefetch recall {recall if recall is None else round(recall, 3)}, "
-        f"cache hits {report.cache_hit_rate:.3f}, "
+        f"TPOT {_fmt(report.tpot_ms, '.2f', ' ms')}, "
+        f"{report.tokens_per_s:.1f} tokens/s, "
+        f"acceptance {_fmt(report.acceptance_rate, '.3f')}, cutoff {report.cutoff}, "
+        f"prefetch recall {_fmt(report.prefetch_recall, '.3f')}, "
+        f"cache hits {_fmt(report.cache_hit_rate, '.3f')}, "
         f"{report.bytes_fetched / 1e6:.1f} MB fetched"
     )
     print(f"report: {path}")
+
+
+def _fmt(value: float | None, spec: str, unit: str = "") -> str:
+    # None where a figure has no value (TPOT of one-token outputs, the
+    # acceptance of ar): printed as n/a.
+    return "n/a" if value is None else f"{value:{spec}}{unit}"
 
 
 if __name__ == "__main__":

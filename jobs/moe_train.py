@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationError, model_validator
 from tqdm import tqdm
 
 from raysys.models.hf import save_model
@@ -31,6 +31,7 @@ from raysys.runtime.config import OutputDir
 logger = logging.getLogger("moe_train")
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "raysys" / "moe" / "pretrained"
+MAX_POSITIONS = 2048  # positions of both models
 
 
 class TrainConfig(Config):
@@ -49,7 +50,9 @@ class TrainConfig(Config):
     num_kv_heads: int = Field(2, gt=0, description="attention key/value heads")
     num_experts: int = Field(8, gt=1, description="experts per target layer")
     top_k: int = Field(2, gt=0, description="experts per token in the target")
-    seq_len: int = Field(256, gt=8, description="training window in bytes")
+    seq_len: int = Field(
+        256, gt=8, le=MAX_POSITIONS, description="training window in bytes"
+    )
     batch_size: int = Field(16, gt=0, description="windows per step")
     dense_steps: int = Field(450, gt=0, description="training steps of the draft")
     dense_lr: float = Field(4e-3, gt=0, description="peak learning rate, dense")
@@ -65,6 +68,21 @@ class TrainConfig(Config):
     router_std: float = Field(0.02, gt=0, description="std of the new routers")
     seed: int = Field(0, description="seed of init, data order and routers")
     num_threads: int = Field(1, gt=0, description="torch CPU threads")
+
+    @model_validator(mode="after")
+    def _check_architecture(self) -> TrainConfig:
+        # Checked with the flags: the target is built only after the draft has
+        # trained, so a bad top-k would otherwise surface minutes in.
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"top_k {self.top_k} is more than num_experts {self.num_experts}; "
+                f"give at most {self.num_experts}"
+            )
+        try:
+            model_config(self)
+        except ValidationError as e:
+            raise ValueError(e.errors()[0]["msg"].removeprefix("Value error, ")) from e
+        return self
 
 
 class TrainReport(Report):
@@ -106,6 +124,18 @@ class TrainReport(Report):
     distill_log: dict = Field(description="draft distillation curve")
 
 
+def model_config(cfg: TrainConfig):
+    """The dense draft's architecture (the target adds the experts)."""
+    return tiny_llama_config(
+        num_hidden_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=MAX_POSITIONS,
+    )
+
+
 def _bar(total: int, desc: str):
     bar = tqdm(total=total, desc=desc, file=sys.stderr, mininterval=5.0)
 
@@ -128,15 +158,8 @@ def main(cfg: TrainConfig) -> TrainReport:
         corpus.train.numel(),
         corpus.valid.numel(),
     )
-    config = tiny_llama_config(
-        num_hidden_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=2048,
-    )
-    dense = Llama(config)
+    training.check_corpus(corpus, cfg.seq_len)  # before any training
+    dense = Llama(model_config(cfg))
     dense.init_weights(seed=cfg.seed)
     common = {"batch_size": cfg.batch_size, "seq_len": cfg.seq_len}
 

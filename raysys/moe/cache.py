@@ -89,29 +89,39 @@ class ExpertCache:
     def __init__(
         self, capacity: int, policy: EvictionPolicy = "lru", num_layers: int = 1
     ) -> None:
-        if capacity < 1:
-            raise ValueError(f"cache capacity must be >= 1 expert, got {capacity}")
         if policy not in EVICTION_POLICIES:
             raise ValueError(
                 f"eviction policy {policy!r} is not one of {', '.join(EVICTION_POLICIES)}"
             )
-        if policy == "layer-lru" and capacity < num_layers:
-            raise ValueError(
-                f"a layer-lru cache needs at least one slot per layer: capacity "
-                f"{capacity} < {num_layers} layers"
-            )
-        self.capacity = capacity
         self.policy = policy
         self.num_layers = num_layers
-        # layer-lru: slots of each layer.
-        self.layer_capacity = [
-            capacity // num_layers + (1 if layer < capacity % num_layers else 0)
-            for layer in range(num_layers)
-        ]
         # The layer being computed; between passes the last one, so layer 0 is next.
         self.position = num_layers - 1
         self.entries: OrderedDict[ExpertKey, CacheEntry] = OrderedDict()
         self.stats = CacheStats()
+        self.resize(capacity)
+
+    def resize(self, capacity: int) -> None:
+        """Set the capacity (and layer-lru's slots per layer), then trim to it.
+
+        Raises:
+            ValueError: capacity below one, or (layer-lru) below one per layer.
+        """
+        if capacity < 1:
+            raise ValueError(f"cache capacity must be >= 1 expert, got {capacity}")
+        if self.policy == "layer-lru" and capacity < self.num_layers:
+            raise ValueError(
+                f"a layer-lru cache needs at least one slot per layer: capacity "
+                f"{capacity} < {self.num_layers} layers"
+            )
+        self.capacity = capacity
+        # layer-lru: slots of each layer.
+        self.layer_capacity = [
+            capacity // self.num_layers
+            + (1 if layer < capacity % self.num_layers else 0)
+            for layer in range(self.num_layers)
+        ]
+        self.trim()
 
     def distance(self, layer: int) -> int:
         """Layers computed before ``layer`` is next needed (0: it is next)."""

@@ -253,7 +253,27 @@ class MoEEngine:
         self.num_layers = c.num_hidden_layers
         self.num_experts_total = c.num_hidden_layers * c.num_local_experts
         store_uri = config.expert_store or str(Path(config.target_dir).resolve())
-        self.expert_nbytes = ExpertCheckpointStore(store_uri).expert_nbytes
+        store = ExpertCheckpointStore(store_uri)
+        for name in (
+            "num_hidden_layers",
+            "num_local_experts",
+            "hidden_size",
+            "intermediate_size",
+        ):
+            if getattr(store.config, name) != getattr(c, name):
+                raise ConfigError(
+                    f"expert store {store_uri!r} has {name} "
+                    f"{getattr(store.config, name)}, the target's is {getattr(c, name)}; "
+                    "point expert_store at the target's own checkpoint"
+                )
+        self.expert_nbytes = store.expert_nbytes
+        positions = c.max_position_embeddings
+        if config.calibration_tokens >= positions:  # cutoff=auto, now or later
+            raise ConfigError(
+                f"calibration_tokens {config.calibration_tokens} leaves no room "
+                f"for a prompt in the target's {positions} positions; give at "
+                f"most {positions - 1}"
+            )
         self.capacity = cache_capacity(
             config, self.expert_nbytes, self.num_experts_total
         )
@@ -366,21 +386,29 @@ class MoEEngine:
         """Switch decoding mode (and for sd-prefetch the cutoff; auto calibrates).
 
         Raises:
-            ConfigError: unknown mode or a cutoff beyond the layer count.
+            ConfigError: unknown mode, a cutoff beyond the layer count or a
+                draft length outside [1, 16]; the engine is then unchanged.
         """
         if mode not in MODES:
             raise ConfigError(f"mode {mode!r} is not one of {', '.join(MODES)}")
-        self.mode = mode
+        if draft_length is not None:
+            _check_draft_length(draft_length)
+        if mode == "sd-prefetch":
+            cutoff = self.config.cutoff if cutoff is None else cutoff
+            if cutoff != "auto":
+                self._check_cutoff(cutoff)
+        # Every value is checked above: a refused call leaves the engine as it was.
         if draft_length is not None:
             self.draft_length = draft_length
         if mode != "sd-prefetch":
+            self.mode = mode
             self.cutoff = None
             return
-        cutoff = self.config.cutoff if cutoff is None else cutoff
         if cutoff == "auto":
+            self.mode = mode
             self.calibrate()
             return
-        self._check_cutoff(cutoff)
+        self.mode = mode
         self.cutoff = cutoff
 
     def _check_cutoff(self, cutoff: object) -> None:
@@ -458,8 +486,15 @@ class MoEEngine:
         seed: int,
         stop_ids: Sequence[int] | None = None,
     ) -> SequenceRun:
-        """Generate for one prompt (text or ids) in the current mode; `report` sums runs."""
+        """Generate for one prompt (text or ids) in the current mode; `report` sums runs.
+
+        Raises:
+            ConfigError: a budget outside [1, max positions - 1], or token ids
+                that are empty or outside the vocabulary.
+        """
+        self._check_budget(max_new_tokens)
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_ids(ids)
         limit = self.target.config.max_position_embeddings - max_new_tokens
         if len(ids) > limit:
             logger.info(
@@ -487,20 +522,26 @@ class MoEEngine:
                 measure_all=self.config.score_all_layers or self._calibrating,
             )
         hooks = _EngineHooks(self, predictor)
-        if self.mode == "ar":
-            trace = generate_autoregressive(self.target, ids, params, hooks)
-        else:
-            trace = generate_speculative(
-                self.target,
-                self.draft,
-                ids,
-                params,
-                draft_length=self.draft_length,
-                extra_draft_step=(
-                    self.mode == "sd-prefetch" and self.config.predict_last_draft
-                ),
-                hooks=hooks,
-            )
+        try:
+            if self.mode == "ar":
+                trace = generate_autoregressive(self.target, ids, params, hooks)
+            else:
+                trace = generate_speculative(
+                    self.target,
+                    self.draft,
+                    ids,
+                    params,
+                    draft_length=self.draft_length,
+                    extra_draft_step=(
+                        self.mode == "sd-prefetch" and self.config.predict_last_draft
+                    ),
+                    hooks=hooks,
+                )
+        except BaseException:
+            # A pass that failed (a fetch error) never ended: release its pins
+            # and queued prefetches, or they would hold cache slots for good.
+            self.fetcher.end_pass()
+            raise
         fetch, cache = self.fetcher.take_stats()
         return SequenceRun(
             prompt=prompt if isinstance(prompt, str) else self.tokenizer.decode(ids),
@@ -554,6 +595,22 @@ class MoEEngine:
         return self.report(
             runs, max_new_tokens, sum(self.pool.num_replacements) - restarts
         )
+
+    def _check_ids(self, ids: Sequence[int]) -> None:
+        if not ids:
+            raise ConfigError("the prompt has no tokens; give at least one token id")
+        vocab = self.target.config.vocab_size
+        bad = [
+            (i, t)
+            for i, t in enumerate(ids)
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab
+        ]
+        if bad:
+            i, t = bad[0]
+            raise ConfigError(
+                f"prompt token {i} is {t!r}, not a token id in [0, {vocab}) of the "
+                f"target's vocabulary ({len(bad)} such)"
+            )
 
     def _check_budget(self, max_new_tokens: int) -> None:
         if max_new_tokens < 1:
@@ -680,13 +737,25 @@ class MoEEngine:
         """Change the cache capacity (in experts); extra entries are evicted.
 
         Raises:
-            ConfigError: capacity below one expert.
+            ConfigError: capacity below one expert, above the model's experts,
+                or (``layer-lru``) below one slot per layer.
         """
-        if capacity < 1:
-            raise ConfigError(f"cache capacity must be >= 1 expert, got {capacity}")
+        if (
+            not isinstance(capacity, int)
+            or isinstance(capacity, bool)
+            or not 1 <= capacity <= self.num_experts_total
+        ):
+            raise ConfigError(
+                f"cache capacity must be 1 to {self.num_experts_total} experts (the "
+                f"model's), got {capacity!r}"
+            )
+        if self.config.cache_policy == "layer-lru" and capacity < self.num_layers:
+            raise ConfigError(
+                f"cache_policy layer-lru needs a slot per layer: cache of {capacity} "
+                f"experts < {self.num_layers} layers; give at least {self.num_layers}"
+            )
         with self.fetcher.lock:
-            self.fetcher.cache.capacity = capacity
-            self.fetcher.cache.trim()
+            self.fetcher.cache.resize(capacity)
         self.capacity = capacity
         logger.info("expert cache resized to %d experts", capacity)
 
@@ -700,6 +769,20 @@ class MoEEngine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _check_draft_length(draft_length: object) -> None:
+    limits = MoEEngineConfig.model_fields["draft_length"].metadata
+    low = next(m.ge for m in limits if hasattr(m, "ge"))
+    high = next(m.le for m in limits if hasattr(m, "le"))
+    if (
+        not isinstance(draft_length, int)
+        or isinstance(draft_length, bool)
+        or not low <= draft_length <= high
+    ):
+        raise ConfigError(
+            f"draft_length must be {low} to {high} tokens, got {draft_length!r}"
+        )
 
 
 def cache_capacity(

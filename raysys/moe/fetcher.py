@@ -298,6 +298,9 @@ class ExpertFetcher:
                 time.sleep(left)
             with self._cond:
                 self._queued.discard(key)
+                # An error left from an earlier failed fetch of this key (a pass
+                # that was abandoned) is stale now that it arrived.
+                self._errors.pop(key, None)
                 if key in self.cache:
                     self.cache.fill(key, weights)
                 s = self.stats
@@ -326,8 +329,14 @@ class ExpertFetcher:
         return stats, cache_stats
 
     def reset(self) -> None:
-        """Empty the cache (in-flight transfers finish) and zero the counters."""
+        """Empty the cache (in-flight transfers finish) and zero the counters.
+
+        Pins of a pass that never ended (it failed) are released first.
+        """
         with self._cond:
+            self.cache.unpin(self._pinned)
+            self._pinned = []
+            self._layer = -1
             self._drop_prefetches(lambda layer: True)
             self.cache.clear()
             self.stats = FetchStats()

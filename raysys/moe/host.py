@@ -104,6 +104,12 @@ class ExpertHost:
         }
 
 
+def _last_line(error: BaseException) -> str:
+    """The last non-empty line of an error's text (a remote traceback's exception)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
 @dataclass
 class FetchResult:
     """One fetched expert with the time the Ray get took."""
@@ -156,7 +162,7 @@ class ExpertHostPool:
                 self.close()
                 raise ExpertFetchError(
                     f"expert host {h} of {num_hosts} did not start (loading its "
-                    f"shard from {store_uri}): {type(e).__name__}: {e}"
+                    f"shard from {store_uri}): {type(e).__name__}: {_last_line(e)}"
                 ) from e
         logger.info(
             "started %d expert hosts over %d experts from %s",
@@ -240,8 +246,16 @@ class ExpertHostPool:
                         f"expert {key}: the replacement of host {host_idx} was not "
                         f"ready within the fetch's {self.timeout_s:g} s"
                     ) from late
-                except HOST_FAULTS:
-                    pass  # it died while starting: the next get replaces it again
+                except HOST_FAULTS as dead:
+                    if getattr(dead, "actor_init_failed", False):
+                        # Its constructor raised (the store cannot be read):
+                        # starting it again would fail the same way.
+                        raise ExpertFetchError(
+                            f"expert {key}: the replacement of host {host_idx} could "
+                            f"not load its shard from {self.store_uri}: "
+                            f"{_last_line(dead)}"
+                        ) from dead
+                    # It died while starting: the next get replaces it again.
                 continue
             real_s = time.perf_counter() - start
             weights = unpack_expert(

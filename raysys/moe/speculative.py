@@ -39,8 +39,17 @@ logger = logging.getLogger(__name__)
 
 
 def probs_from_logits(logits: Tensor, temperature: float) -> Tensor:
-    """Sampling distribution of ``logits (..., V)`` at ``temperature`` (> 0), float32."""
-    return torch.softmax(logits.float() / temperature, dim=-1)
+    """Sampling distribution of ``logits (..., V)`` at ``temperature`` (> 0), float32.
+
+    A temperature so small that ``logits / temperature`` overflows (or rounds
+    to 0 in float32) gives the distribution it tends to instead of NaN: all the
+    mass, shared evenly, on the largest logits.
+    """
+    scaled = logits.float() / temperature
+    if not torch.isfinite(scaled).all():
+        top = logits.float() == logits.float().amax(dim=-1, keepdim=True)
+        scaled = torch.where(top, 0.0, -torch.inf)
+    return torch.softmax(scaled, dim=-1)
 
 
 def sample(probs: Tensor, generator: torch.Generator) -> int:
@@ -181,6 +190,13 @@ def _emit(out: list[int], block: Sequence[int], params: SamplingParams) -> bool:
 # --------------------------------------------------------------------------- loops
 
 
+def _check_max_new_tokens(params: SamplingParams) -> None:
+    # The first token is emitted before the budget is looked at, so a budget
+    # below one would still produce a token.
+    if params.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
+
+
 @torch.no_grad()
 def generate_autoregressive(
     target: Transformer,
@@ -189,6 +205,7 @@ def generate_autoregressive(
     hooks: DecodeHooks | None = None,
 ) -> GenerationTrace:
     """The target alone, one token per forward."""
+    _check_max_new_tokens(params)
     hooks = hooks or DecodeHooks()
     start = time.perf_counter()
     cache = target.new_cache()
@@ -222,6 +239,7 @@ def generate_speculative(
     """Speculative decoding of ``prompt`` (see the module docstring)."""
     if draft_length < 1:
         raise ValueError(f"draft_length must be >= 1, got {draft_length}")
+    _check_max_new_tokens(params)
     hooks = hooks or DecodeHooks()
     start = time.perf_counter()
     t_cache = target.new_cache()

@@ -80,6 +80,7 @@ class ExpertCheckpointStore:
         self.locations: dict[str, TensorLocation] = {}
         for file in self._files():
             self.locations.update(self._read_header(file))
+        self._check_experts()
 
     def _read(self, path: str) -> bytes:
         try:
@@ -100,7 +101,17 @@ class ExpertCheckpointStore:
                 f"expert store {self.uri!r} holds no config.json; point it at a "
                 "Mixtral checkpoint folder"
             )
-        data = json.loads(self._read(path))
+        try:
+            data = json.loads(self._read(path))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(
+                f"expert store {self.uri!r}: config.json is not valid JSON: {e}"
+            ) from e
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"expert store {self.uri!r}: config.json holds a "
+                f"{type(data).__name__}, not a JSON object"
+            )
         if data.get("model_type") != "mixtral":
             raise ConfigError(
                 f"expert store {self.uri!r} holds a {data.get('model_type')!r} "
@@ -111,8 +122,15 @@ class ExpertCheckpointStore:
     def _files(self) -> list[str]:
         index = f"{self.root}/{INDEX_FILE}"
         if self._exists(index):
-            weight_map = json.loads(self._read(index))["weight_map"]
-            return [f"{self.root}/{name}" for name in sorted(set(weight_map.values()))]
+            try:
+                weight_map = json.loads(self._read(index))["weight_map"]
+                names = set(weight_map.values())
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise ConfigError(
+                    f"expert store {self.uri!r}: {INDEX_FILE} is not a safetensors "
+                    f"index ({type(e).__name__}: {e})"
+                ) from e
+            return [f"{self.root}/{name}" for name in sorted(names)]
         single = f"{self.root}/{SINGLE_FILE}"
         if self._exists(single):
             return [single]
@@ -121,13 +139,28 @@ class ExpertCheckpointStore:
         )
 
     def _read_header(self, path: str) -> dict[str, TensorLocation]:
-        with self.fs.open_input_file(path) as f:
-            (length,) = struct.unpack("<Q", f.read_at(8, 0))
-            if length > MAX_HEADER_BYTES:
-                raise ConfigError(
-                    f"{path}: safetensors header of {length} bytes; file is corrupt"
-                )
-            header = json.loads(f.read_at(length, 8))
+        try:
+            with self.fs.open_input_file(path) as f:
+                size = f.size()
+                if size < 8:
+                    raise ConfigError(
+                        f"{path}: {size} bytes, too short for a safetensors file"
+                    )
+                (length,) = struct.unpack("<Q", f.read_at(8, 0))
+                if length > MAX_HEADER_BYTES or 8 + length > size:
+                    raise ConfigError(
+                        f"{path}: safetensors header of {length} bytes in a file of "
+                        f"{size}; file is corrupt"
+                    )
+                header = json.loads(f.read_at(length, 8))
+        except (FileNotFoundError, OSError) as e:
+            raise ConfigError(
+                f"expert store {self.uri!r}: cannot read {path}: {e}"
+            ) from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(
+                f"{path}: safetensors header is not valid JSON ({e}); file is corrupt"
+            ) from e
         data_start = 8 + length
         found = {}
         for name, meta in header.items():
@@ -145,7 +178,46 @@ class ExpertCheckpointStore:
                 data_start + begin,
                 end - begin,
             )
+            if data_start + end > size:
+                raise ConfigError(
+                    f"{path}: tensor {name} ends at byte {data_start + end}, beyond "
+                    f"the file's {size}; file is truncated"
+                )
         return found
+
+    def _check_experts(self) -> None:
+        """Every expert of the config is stored, with the config's shapes.
+
+        Checked once from the headers (no weights read), so a broken store fails
+        when it is opened rather than at the first fetch of a broken expert; a
+        transposed matrix has the right byte count and would otherwise be
+        served as a wrong expert.
+        """
+        c = self.config
+        f, d = c.intermediate_size, c.hidden_size
+        shapes = {"w1": (f, d), "w2": (d, f), "w3": (f, d)}
+        for layer, expert in self.all_experts:
+            for name in self.expert_names(layer, expert):
+                loc = self.locations.get(name)
+                if loc is None:
+                    raise ConfigError(
+                        f"expert store {self.uri!r} holds no tensor {name} (its "
+                        f"config has {c.num_hidden_layers} layers x "
+                        f"{c.num_local_experts} experts)"
+                    )
+                want = shapes[name.rsplit(".", 2)[-2]]
+                if loc.shape != want:
+                    raise ConfigError(
+                        f"expert store {self.uri!r}: {name} has shape "
+                        f"{list(loc.shape)}, the config needs {list(want)}"
+                    )
+                itemsize = torch.empty((), dtype=loc.dtype).element_size()
+                if loc.nbytes != want[0] * want[1] * itemsize:
+                    raise ConfigError(
+                        f"expert store {self.uri!r}: {name} spans {loc.nbytes} "
+                        f"bytes, not the {want[0] * want[1] * itemsize} of its "
+                        "shape and dtype; file is corrupt"
+                    )
 
     def expert_names(self, layer_idx: int, expert_id: int) -> list[str]:
         """HF names of one expert's three matrices (w1, w2, w3)."""

@@ -114,6 +114,29 @@ class Corpus:
         )
 
 
+def check_corpus(corpus: Corpus, seq_len: int, valid_every: int = 20) -> None:
+    """Both splits are long enough for windows of ``seq_len`` (checked up front).
+
+    Raises:
+        ConfigError: a split holds no more than ``seq_len + 1`` tokens; the
+            message names the split, since with few files every one may have
+            gone to the other (file 0, 20, 40, .. are held out for validation).
+    """
+    num_valid = (corpus.num_files + valid_every - 1) // valid_every
+    splits = (
+        ("training", corpus.train, corpus.num_files - num_valid),
+        ("validation", corpus.valid, num_valid),
+    )
+    for name, data, num_files in splits:
+        if data.numel() <= seq_len + 1:
+            raise ConfigError(
+                f"the {name} split holds {data.numel()} tokens ({num_files} of "
+                f"{corpus.num_files} files; every {valid_every}th file, from the "
+                f"first, is held out for validation), not more than seq_len "
+                f"{seq_len} + 1; give more or longer files or a smaller seq_len"
+            )
+
+
 def batches(
     data: Tensor, batch_size: int, seq_len: int, seed: int
 ) -> Iterator[tuple[Tensor, Tensor]]:
@@ -433,6 +456,7 @@ __all__ = [
     "Corpus",
     "PairStats",
     "TrainLog",
+    "check_corpus",
     "corpus_files",
     "distill",
     "evaluate",

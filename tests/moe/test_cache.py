@@ -101,3 +101,16 @@ def test_layer_lru_splits_the_capacity_and_evicts_within_the_layer():
 def test_layer_lru_needs_a_slot_per_layer():
     with pytest.raises(ValueError, match="capacity 3 < 4 layers"):
         ExpertCache(3, "layer-lru", num_layers=4)
+
+
+def test_resize_recomputes_the_layer_lru_slots_and_trims():
+    cache = ExpertCache(4, "layer-lru", num_layers=4)
+    filled(cache, (0, 0), (1, 0), (2, 0), (3, 0))
+    cache.resize(6)
+    assert cache.layer_capacity == [2, 2, 1, 1]
+    filled(cache, (0, 1))  # a second slot in layer 0, nothing evicted
+    assert len(cache) == 5 and cache.stats.num_evictions == 0
+    cache.resize(4)
+    assert cache.layer_capacity == [1, 1, 1, 1] and len(cache) == 4
+    with pytest.raises(ValueError, match="capacity 3 < 4 layers"):
+        cache.resize(3)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 
 from raysys.models.hf import save_model
 from raysys.models.llama import Llama, greedy_generate, tiny_llama_config
 from raysys.models.tokenizer import ByteTokenizer
-from raysys.moe.engine import MoEEngine, MoEEngineConfig
+from raysys.moe.engine import PRETRAINED, MoEEngine, MoEEngineConfig
+from raysys.moe.host import ExpertFetchError
 from raysys.moe.prompts import BUILTIN_PROMPTS
 from raysys.runtime.errors import ConfigError
 
@@ -183,3 +187,81 @@ def test_bad_values_are_named_before_any_work(ray_cluster):
         MoEEngine(MoEEngineConfig(cache_bytes=10**8))
     with pytest.raises(ConfigError, match="cache of 3 experts < 4 layers"):
         MoEEngine(MoEEngineConfig(cache_experts=3, cache_policy="layer-lru"))
+
+
+def test_a_refused_mode_change_leaves_the_engine_as_it_was(engine):
+    engine.set_mode("sd", draft_length=4)
+    for kwargs, message in [
+        ({"mode": "sd-prefetch", "cutoff": 9}, "cutoff 9 is outside"),
+        (
+            {"mode": "sd", "draft_length": 0},
+            "draft_length must be 1 to 16 tokens, got 0",
+        ),
+        (
+            {"mode": "sd", "draft_length": 17},
+            "draft_length must be 1 to 16 tokens, got 17",
+        ),
+        ({"mode": "ar", "draft_length": True}, "draft_length must be 1 to 16"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            engine.set_mode(**kwargs)
+        assert (engine.mode, engine.cutoff, engine.draft_length) == ("sd", None, 4)
+
+
+def test_direct_calls_check_the_budget_and_the_token_ids(engine):
+    with pytest.raises(ConfigError, match="max_new_tokens must be >= 1, got 0"):
+        engine.run_sequence("x", 0, seed=0)
+    with pytest.raises(ConfigError, match="max_new_tokens 3000 leaves no room"):
+        engine.run_sequence("x", 3000, seed=0)
+    with pytest.raises(ConfigError, match="the prompt has no tokens"):
+        engine.generate_ids([], 4)
+    vocab = engine.target.config.vocab_size
+    for bad in (vocab, -1):
+        with pytest.raises(ConfigError, match=rf"prompt token 1 is {bad}, not a token"):
+            engine.generate_ids([65, bad], 4)
+
+
+def test_resize_is_bounded_by_the_model(engine):
+    for bad in (0, 33, True):
+        with pytest.raises(ConfigError, match=rf"1 to 32 experts .*got {bad}"):
+            engine.resize_cache(bad)
+    assert engine.capacity == 8 and engine.fetcher.cache.capacity == 8
+
+
+def test_a_failed_pass_releases_its_pins(engine, references):
+    engine.set_mode("sd", draft_length=4)
+    fetch = engine.fetcher._fetch
+
+    def lost(key):
+        raise RuntimeError(f"link down for {key}")
+
+    engine.fetcher._fetch = lost
+    try:
+        with pytest.raises(ExpertFetchError, match="link down"):
+            engine.generate(BUILTIN_PROMPTS[:1], 8)
+    finally:
+        engine.fetcher._fetch = fetch
+    assert not any(e.pins for e in engine.fetcher.cache.entries.values())
+    report = engine.generate(BUILTIN_PROMPTS[:1], NUM_TOKENS)
+    assert report.outputs[0].token_ids == references[0]
+
+
+def test_layer_lru_resize_moves_the_slots_per_layer(ray_cluster):
+    config = MoEEngineConfig(mode="ar", cache_experts=4, cache_policy="layer-lru")
+    with MoEEngine(config) as eng:
+        eng.resize_cache(6)
+        assert eng.fetcher.cache.layer_capacity == [2, 2, 1, 1]
+        with pytest.raises(ConfigError, match="cache of 3 experts < 4 layers"):
+            eng.resize_cache(3)
+        assert eng.fetcher.cache.layer_capacity == [2, 2, 1, 1]
+
+
+def test_a_store_of_another_model_is_refused_before_any_work(tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(PRETRAINED / "target", store)
+    config = json.loads((store / "config.json").read_text())
+    (store / "config.json").write_text(json.dumps(config | {"num_local_experts": 4}))
+    with pytest.raises(ConfigError, match="has num_local_experts 4, the target's is 8"):
+        MoEEngine(MoEEngineConfig(expert_store=str(store)))
+    with pytest.raises(ConfigError, match="calibration_tokens 2048 leaves no room"):
+        MoEEngine(MoEEngineConfig(calibration_tokens=2048))

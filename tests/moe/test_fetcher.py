@@ -212,3 +212,21 @@ def test_prefetch_does_not_evict_what_is_needed_sooner():
     assert cache.reserve((0, 1), may_overflow=False)  # evicts layer 1, needed later
     assert sorted(cache.entries) == [(0, 0), (0, 1)]
     assert cache.distance(0) == 0 and cache.distance(3) == 3
+
+
+def test_an_error_left_by_an_abandoned_pass_does_not_fail_a_later_fetch(make):
+    hosts = FakeHosts(fail={(0, 0), (0, 1)})
+    fetcher, _ = make(hosts=hosts)
+    with pytest.raises(ExpertFetchError, match=r"expert \(0, 0\) failed"):
+        fetcher.get_experts(0, [0, 1])  # (0, 1)'s error is left behind
+    fetcher.end_pass()
+    deadline = time.monotonic() + 5
+    while len(hosts.order) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    hosts.fail.clear()
+    fetcher.prefetch(0, [1])
+    while (0, 1) not in fetcher.stats.prefetched and time.monotonic() < deadline:
+        time.sleep(0.01)
+    got = fetcher.get_experts(0, [1])
+    assert torch.equal(got[1].w1, expert((0, 1)).w1)

@@ -130,3 +130,80 @@ def test_a_host_that_dies_while_starting_is_started_again(ray_cluster):
         assert torch.equal(got.weights.w2, store.read_expert(*key).w2.float())
     finally:
         pool.close()
+
+
+def _store_with(tmp_path, edit) -> str:
+    # A copy of the bundled target whose tensors ``edit`` changes in place.
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "store"
+    shutil.copytree(TARGET, folder)
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return str(folder)
+
+
+EXPERT = "model.layers.2.block_sparse_moe.experts.5."
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        # Same bytes as the right matrix: it would be served as a wrong expert.
+        (
+            lambda t: t.__setitem__(
+                EXPERT + "w1.weight", t[EXPERT + "w1.weight"].T.contiguous()
+            ),
+            r"experts.5.w1.weight has shape \[64, 192\], the config needs \[192, 64\]",
+        ),
+        (
+            lambda t: t.pop(EXPERT + "w3.weight"),
+            "holds no tensor model.layers.2.block_sparse_moe.experts.5.w3.weight",
+        ),
+        (
+            lambda t: t.pop("model.layers.0.block_sparse_moe.experts.0.w1.weight"),
+            "holds no tensor model.layers.0.block_sparse_moe.experts.0.w1.weight",
+        ),
+    ],
+)
+def test_store_refuses_missing_or_misshapen_experts_when_opened(
+    tmp_path, edit, message
+):
+    with pytest.raises(ConfigError, match=message):
+        ExpertCheckpointStore(_store_with(tmp_path, edit))
+
+
+def test_store_refuses_truncated_files_and_bad_config_json(tmp_path):
+    folder = tmp_path / "store"
+    shutil.copytree(TARGET, folder)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError, match="beyond the file's .* file is truncated"):
+        ExpertCheckpointStore(folder)
+    (folder / "model.safetensors").write_bytes(b"\x01")
+    with pytest.raises(ConfigError, match="1 bytes, too short for a safetensors"):
+        ExpertCheckpointStore(folder)
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="config.json holds a list, not a JSON"):
+        ExpertCheckpointStore(folder)
+    (folder / "config.json").write_text("{oops")
+    with pytest.raises(ConfigError, match="config.json is not valid JSON"):
+        ExpertCheckpointStore(folder)
+
+
+def test_a_replacement_that_cannot_load_its_shard_fails_at_once(ray_cluster, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(TARGET, store)
+    config = ExpertCheckpointStore(store).config
+    pool = ExpertHostPool(str(store), config, num_hosts=1, timeout_s=60)
+    try:
+        shutil.rmtree(store)  # the store went away while the host served
+        pool.kill(0)
+        with pytest.raises(
+            ExpertFetchError, match="could not load its shard from .*no config.json"
+        ):
+            pool.fetch((0, 0))
+        assert pool.num_replacements == [1]  # not retried max_replacements times
+    finally:
+        pool.close()

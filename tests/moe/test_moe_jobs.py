@@ -106,3 +106,63 @@ def test_bench_job_compares_the_modes(ray_cluster, tmp_path):
         job.main(
             load_config(job.BenchConfig, ["--cache-experts", "9", "--out", str(out)])
         )
+
+
+def test_generate_job_prints_one_token_outputs(ray_cluster, tmp_path, capsys):
+    job = load_job("moe_generate")
+    out = tmp_path / "report.json"
+    cfg = load_config(
+        job.GenerateConfig,
+        ["--mode", "ar", "--num-prompts", "1", "--max-new-tokens", "1"]
+        + ["--out", str(out)],
+    )
+    job.main(cfg)  # TPOT has no value for one-token outputs
+    assert json.loads(out.read_text())["tpot_ms"] is None
+    assert "TPOT n/a" in capsys.readouterr().out
+
+
+def test_bench_job_runs_a_model_whose_quarter_rounds_to_zero(ray_cluster, tmp_path):
+    from raysys.models.hf import save_random_model
+    from raysys.models.llama import tiny_llama_config
+    from raysys.models.mixtral import tiny_mixtral_config
+
+    # One layer of two experts: a quarter is 0, the engine's default cache 1.
+    target = tmp_path / "target"
+    save_random_model(
+        tiny_mixtral_config(
+            num_hidden_layers=1, num_local_experts=2, num_experts_per_tok=1
+        ),
+        target,
+    )
+    save_random_model(tiny_llama_config(num_hidden_layers=1), tmp_path / "draft")
+    job = load_job("bench_moe")
+    out = tmp_path / "bench.json"
+    cfg = load_config(
+        job.BenchConfig,
+        ["--target-dir", str(target), "--draft-dir", str(tmp_path / "draft")]
+        + ["--num-prompts", "1", "--max-new-tokens", "6", "--calibration-tokens", "8"]
+        + ["--no-sweep", "--link-bandwidth-bytes-per-s", "0", "--out", str(out)],
+    )
+    report = job.main(cfg)
+    assert report.cache_experts == 1 and report.num_experts_total == 2
+    assert report.cutoff in (0, 1) and report.outputs_identical
+
+
+def test_train_job_refuses_bad_flags_and_tiny_corpora_before_training(tmp_path):
+    job = load_job("moe_train")
+    with pytest.raises(ConfigError, match="top_k 3 is more than num_experts 2"):
+        load_config(job.TrainConfig, ["--num-experts", "2", "--top-k", "3"])
+    with pytest.raises(ConfigError, match="divisible by num_attention_heads 3"):
+        load_config(job.TrainConfig, ["--num-heads", "3"])
+    with pytest.raises(ConfigError, match="seq_len"):
+        load_config(job.TrainConfig, ["--seq-len", "4096"])
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.py").write_text("x = 1\n" * 100)
+    cfg = load_config(
+        job.TrainConfig,
+        ["--corpus-dir", str(corpus), "--seq-len", "16", "--out-dir", str(tmp_path)],
+    )
+    with pytest.raises(ConfigError, match=r"training split holds 0 tokens \(0 of 1"):
+        job.main(cfg)
+    assert not (tmp_path / "draft").exists()

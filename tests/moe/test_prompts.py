@@ -39,7 +39,10 @@ def test_bad_prompt_files_name_the_file_and_the_problem(tmp_path):
         load_prompts(bad_json)
     no_field = tmp_path / "nofield.jsonl"
     no_field.write_text('{"question": "a"}\n')
-    with pytest.raises(ConfigError, match="nofield.jsonl:1: expected an object"):
+    with pytest.raises(
+        ConfigError,
+        match=r"nofield.jsonl:1: it has neither field \(keys \['question'\]\)",
+    ):
         load_prompts(no_field)
     surrogate = tmp_path / "surrogate.jsonl"
     surrogate.write_text('{"prompt": "ok"}\n{"prompt": "lone \\ud800 surrogate"}\n')
@@ -56,3 +59,42 @@ def test_template_without_placeholder_is_refused(tmp_path):
     path.write_text(json.dumps({"prompt": "a"}) + "\n")
     with pytest.raises(ConfigError, match="'Q: ' has no {prompt} placeholder"):
         read_prompts(path, None, "Q: ")
+
+
+def test_bom_and_unicode_line_separators_inside_strings_are_read(tmp_path):
+    path = tmp_path / "p.jsonl"
+    lines = [
+        json.dumps({"prompt": "a\u2028b"}, ensure_ascii=False),
+        json.dumps({"turns": ["c\x85d"]}, ensure_ascii=False),
+    ]
+    path.write_text("\ufeff" + "\r\n".join(lines) + "\r\n", encoding="utf-8")
+    assert load_prompts(path) == ["a\u2028b", "c\x85d"]
+
+
+@pytest.mark.parametrize(
+    ("record", "problem"),
+    [
+        ([1, 2], "got a JSON list"),
+        ("text", "got a JSON string"),
+        ({"turns": "abc"}, "'turns' is a string"),
+        ({"turns": []}, "'turns' is empty"),
+        ({"turns": [3, "a"]}, "'turns' starts with a number"),
+        ({"prompt": None}, "'prompt' is a null"),
+        ({"prompt": "p", "turns": ["t"]}, "it has both 'prompt' and 'turns'"),
+        ({"prompt": 5, "turns": ["t"]}, "it has both 'prompt' and 'turns'"),
+    ],
+)
+def test_each_bad_record_names_its_problem_and_line(tmp_path, record, problem):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(ConfigError, match=rf"p.jsonl:2: {problem}"):
+        load_prompts(path)
+
+
+def test_a_limit_below_one_is_refused(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "a"}) + "\n")
+    with pytest.raises(ConfigError, match="prompt limit must be >= 1, got 0"):
+        load_prompts(path, limit=0)
+    with pytest.raises(ConfigError, match="prompt limit must be >= 1, got 0"):
+        read_prompts(None, 0, "{prompt}")

@@ -235,3 +235,26 @@ def test_draft_length_must_be_positive(resident_pair):
             SamplingParams(max_new_tokens=3),
             draft_length=0,
         )
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-300])
+def test_a_vanishing_temperature_samples_the_greedy_tokens(resident_pair, temperature):
+    draft, target = resident_pair
+    want = greedy_generate(target, prompt_ids(1), 12)
+    for generate in (
+        lambda p: generate_autoregressive(target, prompt_ids(1), p),
+        lambda p: generate_speculative(target, draft, prompt_ids(1), p, draft_length=3),
+    ):
+        params = SamplingParams(max_new_tokens=12, temperature=temperature)
+        assert generate(params).tokens == want
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_a_budget_below_one_token_is_refused(resident_pair, speculative):
+    draft, target = resident_pair
+    params = SamplingParams(max_new_tokens=0)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+        if speculative:
+            generate_speculative(target, draft, prompt_ids(0), params, draft_length=2)
+        else:
+            generate_autoregressive(target, prompt_ids(0), params)
