@@ -259,9 +259,15 @@ def _read_hf_config(source: Mapping[str, Any] | str | Path) -> tuple[dict, str]:
             f"no model config at {str(path)!r}; a HF checkpoint folder holds config.json"
         )
     try:
-        return json.loads(path.read_text()), str(path)
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path} holds a JSON {type(data).__name__}, not an object of model "
+            "settings"
+        )
+    return data, str(path)
 
 
 def tiny_llama_config(**overrides: Any) -> LlamaConfig:

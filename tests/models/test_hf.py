@@ -144,6 +144,13 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="holds config.json"):
         load_model(tmp_path)
 
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="holds a JSON list, not an object"):
+        read_config(tmp_path)
+    (tmp_path / "config.json").write_bytes(b'{"model_type": "\xff"}')
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        read_config(tmp_path)
+
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ConfigError, match="model_type 'gpt2' is not supported"):
         read_config(tmp_path)
