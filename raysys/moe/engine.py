@@ -172,6 +172,8 @@ class SequenceRun:
     predicted: list[float]  # summed predicted experts per layer
     num_verify_passes: int
     pass_experts: list[int]  # distinct routed experts (all layers), decoding passes
+    prompt_tokens: int = 0  # tokens of the prompt as given
+    clipped_tokens: int = 0  # leading prompt tokens dropped to fit the context
 
 
 class _EngineHooks(DecodeHooks):
@@ -496,6 +498,7 @@ class MoEEngine:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_ids(ids)
         limit = self.target.config.max_position_embeddings - max_new_tokens
+        prompt_tokens = len(ids)
         if len(ids) > limit:
             logger.info(
                 "prompt of %d tokens clipped to its last %d (max positions %d)",
@@ -555,6 +558,8 @@ class MoEEngine:
             predicted=hooks.predicted,
             num_verify_passes=hooks.num_verify_passes,
             pass_experts=hooks.pass_experts,
+            prompt_tokens=prompt_tokens,
+            clipped_tokens=prompt_tokens - len(ids),
         )
 
     def generate_ids(
@@ -665,6 +670,7 @@ class MoEEngine:
             temperature=self.config.temperature,
             max_new_tokens=max_new_tokens,
             num_prompts=len(runs),
+            num_prompts_clipped=sum(1 for r in runs if r.clipped_tokens),
             num_tokens=num_tokens,
             tpot_ms=1e3 * decode_s / decode_tokens if decode_tokens else None,
             tokens_per_s=num_tokens / max(1e-9, sum(t.total_s for t in traces)),
@@ -726,6 +732,8 @@ class MoEEngine:
                     if r.trace.tpot_s is not None
                     else None,
                     stopped=r.trace.stopped,
+                    prompt_tokens=r.prompt_tokens,
+                    clipped_tokens=r.clipped_tokens,
                 )
                 for r in runs
             ],

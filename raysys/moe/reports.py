@@ -19,6 +19,11 @@ class SequenceOutput(BaseModel):
     ttft_ms: float = Field(description="time to the first token")
     tpot_ms: float | None = Field(description="time per output token after the first")
     stopped: bool = Field(description="ended on a stop token (else at the budget)")
+    prompt_tokens: int = Field(description="tokens of the prompt as given")
+    clipped_tokens: int = Field(
+        description="leading prompt tokens dropped so the prompt and its budget fit "
+        "the model's context"
+    )
 
 
 class GenerationReport(Report):
@@ -33,6 +38,9 @@ class GenerationReport(Report):
     temperature: float = Field(description="0: greedy")
     max_new_tokens: int = Field(description="budget per prompt")
     num_prompts: int = Field(description="prompts generated")
+    num_prompts_clipped: int = Field(
+        description="prompts clipped to their last tokens to fit the context"
+    )
     num_tokens: int = Field(description="tokens generated in all")
     tpot_ms: float | None = Field(description="time per output token after the first")
     tokens_per_s: float = Field(description="tokens over wall time, prefill included")

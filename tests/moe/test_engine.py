@@ -221,6 +221,28 @@ def test_direct_calls_check_the_budget_and_the_token_ids(engine):
             engine.generate_ids([65, bad], 4)
 
 
+def test_a_prompt_beyond_the_context_is_clipped_and_counted(engine):
+    engine.set_mode("ar")
+    text = "def f(x):\n    return x\n" * 120
+    ids = engine.tokenizer.encode(text)
+    budget = 4
+    keep = engine.target.config.max_position_embeddings - budget
+    assert len(ids) > keep
+    report = engine.generate([text, "x = 1"], budget)
+    assert report.num_prompts_clipped == 1
+    clipped, short = report.outputs
+    assert (clipped.prompt_tokens, clipped.clipped_tokens) == (
+        len(ids),
+        len(ids) - keep,
+    )
+    assert short.clipped_tokens == 0
+    assert short.prompt_tokens == len(engine.tokenizer.encode("x = 1"))
+    # The clipped prompt is served as its last tokens would be on their own.
+    alone = engine.generate_ids(ids[-keep:], budget, seed=engine.config.seed)
+    assert clipped.token_ids == alone.trace.tokens
+    assert alone.clipped_tokens == 0
+
+
 def test_resize_is_bounded_by_the_model(engine):
     for bad in (0, 33, True):
         with pytest.raises(ConfigError, match=rf"1 to 32 experts .*got {bad}"):
