@@ -39,7 +39,7 @@ def run_job(
     as Ctrl-C does, so its cleanup runs: a cluster it started is stopped.
     """
     setup_logging()
-    _exit_on_sigterm()
+    exit_on_sigterm()
     try:
         cfg = load_config(cls, argv, description=description)
     except ConfigError as e:
@@ -53,9 +53,19 @@ def run_job(
     return 0
 
 
-def _exit_on_sigterm() -> None:
-    def stop(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
+def _stop(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM raise ``SystemExit(143)`` in the main thread, so ``finally`` runs.
+
+    Only the main thread can set signal handlers; elsewhere this does nothing.
+    """
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGTERM, _stop)
+
+
+def sigterm_exits() -> bool:
+    """Whether :func:`exit_on_sigterm` set this process's SIGTERM handler."""
+    return signal.getsignal(signal.SIGTERM) is _stop

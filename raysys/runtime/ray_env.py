@@ -139,6 +139,33 @@ def init_ray(
     """
     if ray.is_initialized():
         return "initialized"
+    from raysys.runtime.entry import exit_on_sigterm, sigterm_exits
+
+    # Connecting a driver installs Ray's own fatal-signal handler over ours: a
+    # job killed with SIGTERM would then abort without its cleanup (a cluster
+    # it started would keep running), so ours goes back once Ray is up.
+    keep_sigterm_exit = sigterm_exits()
+    try:
+        return _init_ray(
+            namespace=namespace,
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            resources=resources,
+            object_store_memory=object_store_memory,
+        )
+    finally:
+        if keep_sigterm_exit:
+            exit_on_sigterm()
+
+
+def _init_ray(
+    *,
+    namespace: str,
+    num_cpus: int | None,
+    num_gpus: int | None,
+    resources: dict[str, float] | None,
+    object_store_memory: int | None,
+) -> str:
     address = os.environ.get("RAY_ADDRESS")
     mode = "address"
     if not address:

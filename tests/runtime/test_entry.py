@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -16,8 +17,13 @@ JOB = textwrap.dedent(
 
     class Cfg(Config):
         marker: str
+        connect: bool = False
 
     def body(cfg):
+        if cfg.connect:
+            from raysys.runtime.ray_env import init_ray
+
+            init_ray()
         Path(cfg.marker + ".started").write_text("")
         try:
             time.sleep(60)
@@ -29,12 +35,13 @@ JOB = textwrap.dedent(
 )
 
 
-def test_sigterm_ends_a_job_through_its_cleanup(tmp_path):
+def _killed_job_cleans_up(tmp_path, *args: str, env: dict | None = None) -> None:
     marker = tmp_path / "marker"
     proc = subprocess.Popen(
-        [sys.executable, "-c", JOB, "--marker", str(marker)],
+        [sys.executable, "-c", JOB, "--marker", str(marker), *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=env,
     )
     deadline = time.monotonic() + 60
     while not (tmp_path / "marker.started").exists():
@@ -43,3 +50,16 @@ def test_sigterm_ends_a_job_through_its_cleanup(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 128 + signal.SIGTERM
     assert marker.read_text() == "cleaned up"
+
+
+def test_sigterm_ends_a_job_through_its_cleanup(tmp_path):
+    _killed_job_cleans_up(tmp_path)
+
+
+def test_sigterm_ends_a_job_connected_to_a_cluster_through_its_cleanup(
+    tmp_path, ray_cluster
+):
+    # A driver connected to a running cluster gets Ray's fatal-signal handler,
+    # which aborted the job on SIGTERM before its cleanup ran.
+    env = os.environ | {"RAY_ADDRESS": ray_cluster.address}
+    _killed_job_cleans_up(tmp_path, "--connect", env=env)
