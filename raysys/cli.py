@@ -52,7 +52,13 @@ def cmd_up(argv: Sequence[str]) -> int:
     print(f"  providers:     {sum(n.kind == 'provider' for n in state.nodes)}")
     print(f"  token auth:    {'on' if state.auth else 'OFF'}")
     print(
-        f"submit a job:   ray job submit --address {state.dashboard_url} -- python JOB"
+        f"submit a job:   raysys submit --address {state.dashboard_url} -- python JOB"
+    )
+    auth = "RAY_AUTH_MODE=token " if state.auth else ""
+    print(
+        f"  or plain Ray: {auth}ray job submit --address {state.dashboard_url} "
+        "--working-dir . --runtime-env jobs/runtime_env.yaml -- python JOB "
+        "(from the project folder)"
     )
     return 0
 
@@ -172,7 +178,10 @@ def cmd_submit(argv: Sequence[str]) -> int:
         f"token auth {'on' if env.get('RAY_AUTH_MODE') == 'token' else 'off'}"
     )
     if ns.dry_run:
-        print(shlex.join(cmd))
+        # With token auth, plain `ray job submit` finds its token only when told
+        # to look for one.
+        auth = "RAY_AUTH_MODE=token " if env.get("RAY_AUTH_MODE") == "token" else ""
+        print(auth + shlex.join(cmd))
         return 0
     sys.stdout.flush()
     return subprocess.run(cmd, env=env).returncode

@@ -147,6 +147,9 @@ def test_dry_run_prints_the_plain_ray_job_submit(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("package: ") and "token auth on" in out[0]
     command = out[1].split()
+    # Plain `ray job submit` needs to be told to send the cluster's token.
+    assert command[0] == "RAY_AUTH_MODE=token"
+    command = command[1:]
     assert command[1:3] == ["job", "submit"]
     assert command[command.index("--working-dir") + 1] == str(PROJECT_ROOT)
     assert command[command.index("--runtime-env") + 1] == str(RUNTIME_ENV_FILE)
