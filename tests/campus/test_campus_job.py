@@ -57,16 +57,20 @@ def test_every_tenant_finishes_and_every_migration_succeeds(campus_report):
     assert hows == ["drain", "lost"]
     drained, lost = report["departures"]
     assert drained["moved"], "the drained provider held no tenant"
+    # the job switches off a provider only while it holds a running tenant
+    assert lost["moved"], "the lost provider held no tenant"
     assert drained["provider"] != lost["provider"]
-    assert report["migrations_attempted"] >= len(drained["moved"]) + len(lost["moved"])
+    # one migration per tenant moved off a departing provider, no other
+    assert report["migrations_attempted"] == len(drained["moved"]) + len(lost["moved"])
     assert report["migrations_succeeded"] == report["migrations_attempted"]
-    kinds = {m["kind"] for m in report["migrations"]}
-    assert "graceful" in kinds
-    if lost["moved"]:
-        assert "sudden" in kinds
-    # a graceful move redoes nothing
-    graceful = [m for m in report["migrations"] if m["kind"] == "graceful"]
-    assert all(m["lost_steps"] == 0 for m in graceful)
+    kinds = sorted(m["kind"] for m in report["migrations"])
+    assert kinds == sorted(
+        ["graceful"] * len(drained["moved"]) + ["sudden"] * len(lost["moved"])
+    )
+    # a graceful move redoes nothing; the tenants commit every step, so a
+    # sudden one redoes at most the step in flight
+    for m in report["migrations"]:
+        assert m["lost_steps"] <= (0 if m["kind"] == "graceful" else 1), m
     assert set(report["inputs"]) == {"nows", "serving", "moe"}
     assert "generated: 6 Darcy instances, 32x32" in report["inputs"]["nows"]
     assert (out / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -78,11 +82,11 @@ def test_serving_figures(campus_report):
     serving = next(s for s in report["systems"] if s["name"] == "serving")
     f = serving["figures"]
     assert f["num_requests"] == 48
-    assert f["num_completed"] + f["num_failed"] == 48
+    # a migration re-serves a window; no request is lost
+    assert (f["num_completed"], f["num_failed"]) == (48, 0)
     # every served output equals the same prompt served by one instance alone
-    assert f["outputs_checked"] == f["num_completed"] > 0
+    assert f["outputs_checked"] == f["num_completed"]
     assert f["outputs_matching_single_instance"] == f["outputs_checked"]
-    assert 0.0 <= f["slo_attainment"] <= 1.0
 
 
 def test_nows_figures_match_a_solve_in_this_process(campus_report):

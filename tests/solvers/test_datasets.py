@@ -31,6 +31,27 @@ def test_benchmark_npz_and_pt_give_the_same_coefficients():
         assert npz[k].family == "darcy"
 
 
+def test_benchmark_layout_reads_the_same_from_pt_and_npz(tmp_path):
+    # The FNO benchmark's layout, written here: a boolean mask ``x`` (12 where
+    # true, 3 where false) and the solution ``y``, once as .pt, once as .npz.
+    import torch
+
+    rng = np.random.default_rng(3)
+    mask = rng.random((4, 9, 9)) < 0.5
+    y = rng.standard_normal((4, 9, 9)).astype(np.float32)
+    torch.save(
+        {"x": torch.from_numpy(mask), "y": torch.from_numpy(y)}, tmp_path / "b.pt"
+    )
+    np.savez(tmp_path / "b.npz", x=mask, y=y)
+    pt, npz = load_instances(tmp_path / "b.pt"), load_instances(tmp_path / "b.npz")
+    assert len(pt) == len(npz) == 4
+    for k in range(4):
+        expected = np.where(mask[k], 12.0, 3.0)
+        np.testing.assert_array_equal(pt[k].fields["a"], expected)
+        np.testing.assert_array_equal(npz[k].fields["a"], expected)
+        assert pt[k].family == npz[k].family == "darcy"
+
+
 def test_user_npz_with_coefficients_and_forcing(tmp_path):
     rng = np.random.default_rng(0)
     a = rng.uniform(1, 2, (3, 8, 8))

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -75,6 +76,10 @@ def test_solve_job_reports_every_field(tiny_model, tmp_path, capsys):
     ):  # fmt: skip
         assert key in summary
     assert summary["num_instances"] == 3 and summary["num_failed"] == 0
+    rows = report["instances"]
+    assert summary["median_matvec_reduction"] == pytest.approx(
+        statistics.median(1 - r["matvecs_warm"] / r["matvecs_cold"] for r in rows)
+    )
     assert out.with_suffix(".png").is_file()
     assert "median matvec reduction" in capsys.readouterr().out
 
