@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 NAMESPACE = "raysys"
 AGENT_PREFIX = "raysys-agent:"
+# Shortest time between a leave and the agent ending itself (see `leave`).
+MIN_SELF_END_S = 1.0
 
 
 def agent_name(provider: str) -> str:
@@ -90,23 +92,31 @@ class ProviderAgent:
             grace_s: without a deadline, how long tenants get to checkpoint.
 
         The agent ends itself at the deadline (after ``grace_s`` without one)
-        even when no controller tells it to, so the drained node goes idle.
+        even when no controller tells it to, so the drained node goes idle. A
+        second call while the provider is leaving only moves the end earlier:
+        the owner's earliest wish wins, a later one is answered with the
+        current wish.
         """
-        drain_deadline_s = deadline_s if deadline_s is not None else 0.0
-        timer = threading.Timer(
-            deadline_s if deadline_s is not None else grace_s, self._end_self
-        )
-        timer.daemon = True
-        timer.start()
+        now = time.time()
+        window_s = deadline_s if deadline_s is not None else grace_s
+        if self.wish.get("leave") and now + window_s >= self.wish["ends_at"]:
+            logger.info(
+                "provider %s is already leaving (ends in %.1f s); keeping that",
+                self.provider,
+                self.wish["ends_at"] - now,
+            )
+            return dict(self.wish)
         deadline_at = drain_node(
             self.node_id,
-            deadline_s=drain_deadline_s,
+            deadline_s=deadline_s if deadline_s is not None else 0.0,
             reason=f"owner of provider {self.provider} reclaims it",
         )
         self.wish = {
             "leave": True,
             "deadline_at": deadline_at if deadline_s is not None else None,
-            "requested_at": time.time(),
+            "grace_s": grace_s,
+            "requested_at": now,
+            "ends_at": now + window_s,
         }
         logger.info(
             "provider %s: owner leaves %s",
@@ -118,6 +128,11 @@ class ProviderAgent:
             self._controller.heartbeat.remote(
                 self.provider, self.node_id, dict(self.wish), time.time()
             )
+        # Started last and never sooner than MIN_SELF_END_S: with a deadline of
+        # 0 the agent would otherwise kill itself before this call answers.
+        timer = threading.Timer(max(window_s, MIN_SELF_END_S), self._end_self)
+        timer.daemon = True
+        timer.start()
         return dict(self.wish)
 
     def _end_self(self) -> None:
@@ -165,10 +180,12 @@ def find_agent(provider: str):
     """The running agent of ``provider``.
 
     Raises:
+        raysys.sharing.names.InvalidName: the name breaks the naming rule.
         ClusterError: no agent runs for that provider name.
     """
+    name = agent_name(provider)  # an unsafe name is refused as such, not "absent"
     try:
-        return ray.get_actor(agent_name(provider), namespace=NAMESPACE)
+        return ray.get_actor(name, namespace=NAMESPACE)
     except ValueError as e:
         raise ClusterError(
             f"no provider named {provider!r} is running an agent; list providers "

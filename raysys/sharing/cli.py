@@ -112,6 +112,10 @@ def cmd_join(argv: Sequence[str]) -> int:
     name = check_name(args.name, "provider")
     if not (math.isfinite(args.gpus) and args.gpus >= 0):
         raise ConfigError(f"--gpus must be a number >= 0, got {args.gpus}")
+    if args.cpus < 0:
+        raise ConfigError(f"--cpus must be >= 0, got {args.cpus}")
+    if args.object_store_mb < 1:
+        raise ConfigError(f"--object-store-mb must be >= 1, got {args.object_store_mb}")
     address, state = _resolve(args.address)
     from raysys.runtime.ray_env import check_reachable
 
@@ -193,6 +197,8 @@ def cmd_leave(argv: Sequence[str]) -> int:
         raise ConfigError(
             f"--deadline must be a number of seconds >= 0, got {args.deadline}"
         )
+    if not (math.isfinite(args.grace) and args.grace > 0):
+        raise ConfigError(f"--grace must be a number of seconds > 0, got {args.grace}")
     address, state = _resolve(args.address)
 
     import ray
@@ -208,9 +214,11 @@ def cmd_leave(argv: Sequence[str]) -> int:
             raise ClusterError(f"no live provider named {name!r} in the cluster")
         try:
             agent = find_agent(name)
-            bounded_get(agent.leave.remote(args.deadline), 30, f"agent of {name}")
-        except (ClusterError, RemoteTimeout) as e:
-            # No agent to ask: drain through Ray directly.
+            bounded_get(
+                agent.leave.remote(args.deadline, args.grace), 30, f"agent of {name}"
+            )
+        except (ClusterError, RemoteTimeout, ray.exceptions.RayActorError) as e:
+            # No agent to ask (or it ended while asked): drain through Ray directly.
             logger.warning("%s; draining the node directly", e)
             drain_node(
                 node["NodeID"],
@@ -257,7 +265,10 @@ def cmd_provider(argv: Sequence[str]) -> int:
     commands = {"join": cmd_join, "leave": cmd_leave}
     if not argv or argv[0] not in commands:
         print(__doc__)
-        return 0 if argv[:1] in ([], ["-h"], ["--help"]) else 2
+        if argv[:1] in ([], ["-h"], ["--help"]):
+            return 0
+        print(f"error: unknown provider command {argv[0]!r}; use join or leave")
+        return 2
     return commands[argv[0]](argv[1:])
 
 

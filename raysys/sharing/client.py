@@ -17,6 +17,7 @@ when the bound runs out.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -34,6 +35,7 @@ from raysys.runtime.local_cluster import HEAD_RESOURCE
 from raysys.runtime.ray_env import bounded_get
 from raysys.sharing.agent import NAMESPACE, find_agent
 from raysys.sharing.controller import RemoteController
+from raysys.sharing.names import check_name
 from raysys.sharing.records import (
     TERMINAL_STATES,
     MigrationRecord,
@@ -128,6 +130,14 @@ class SharingClient:
             )
         except RemoteTimeout as e:
             raise ClusterError(f"the sharing controller did not start: {e}") from e
+        except ray.exceptions.RayActorError as e:
+            # Its constructor raised (a store it cannot open, ...): name the cause,
+            # not Ray's wrapper around it.
+            cause = getattr(e, "error_msg", "") or str(e)
+            raise ClusterError(
+                f"the sharing controller {cfg.controller_name!r} failed to start: "
+                f"{cause.strip().splitlines()[-1]}"
+            ) from e
         logger.info(
             "sharing controller %s is up (store %s)", cfg.controller_name, cfg.store
         )
@@ -165,9 +175,13 @@ class SharingClient:
 
     def _call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
         ref = getattr(self._controller, method).remote(*args)
-        return bounded_get(
-            ref, timeout_s or self.call_timeout_s, f"controller.{method}"
-        )
+        try:
+            return bounded_get(
+                ref, timeout_s or self.call_timeout_s, f"controller.{method}"
+            )
+        except ray.exceptions.RayTaskError as e:
+            # The controller's own error (an unknown workload, ...), not Ray's.
+            raise e.as_instanceof_cause() from None
 
     # -- workloads -----------------------------------------------------------
 
@@ -197,13 +211,21 @@ class SharingClient:
             "submit", spec.model_dump(mode="json"), workload_cls, args, kwargs
         )
         if not answer["accepted"]:
-            raise UnsatisfiableResources(f"{answer['workload_id']}: {answer['reason']}")
+            message = f"{answer['workload_id']}: {answer['reason']}"
+            if answer.get("duplicate"):
+                raise ConfigError(message)
+            raise UnsatisfiableResources(message)
         return answer["workload_id"]
 
     def workloads(
         self, workload_ids: list[str] | None = None
     ) -> dict[str, WorkloadStatus]:
-        """Current status of the given workloads (all when None)."""
+        """Current status of the given workloads (all when None, none when empty).
+
+        An id the platform does not know is left out; `wait` refuses it.
+        """
+        if workload_ids is not None:
+            workload_ids = list(workload_ids)
         return self._call("workload_states", workload_ids)
 
     def wait(
@@ -233,7 +255,11 @@ class SharingClient:
             time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
 
     def result(self, workload_id: str) -> WorkloadResult:
-        """The workload's newest committed state (its final one once done)."""
+        """The workload's newest committed state (its final one once done).
+
+        Raises:
+            ConfigError: no workload of that id was submitted.
+        """
         return self._call(
             "result", workload_id, timeout_s=max(self.call_timeout_s, 60.0)
         )
@@ -262,7 +288,12 @@ class SharingClient:
             raise e.as_instanceof_cause() from None
 
     def cancel(self, workload_id: str) -> str:
-        """Checkpoint and stop a workload; returns its final state."""
+        """Checkpoint and stop a workload; returns its final state (an ended
+        workload keeps its state: ``done``, ``failed``, ...).
+
+        Raises:
+            ConfigError: no workload of that id was submitted.
+        """
         return self._call("cancel", workload_id, timeout_s=self.call_timeout_s + 60.0)
 
     # -- platform ------------------------------------------------------------
@@ -293,8 +324,16 @@ class SharingClient:
 
     def leave(self, provider: str, deadline_s: float | None = None) -> dict[str, Any]:
         """The owner's kill switch: drain ``provider`` by ``deadline_s`` (None: now)."""
-        if deadline_s is not None and deadline_s < 0:
-            raise ConfigError(f"deadline_s must be >= 0, got {deadline_s}")
+        check_name(provider, "provider")
+        if deadline_s is not None and not (
+            isinstance(deadline_s, int | float)
+            and math.isfinite(deadline_s)
+            and deadline_s >= 0
+        ):
+            raise ConfigError(
+                f"deadline_s must be a number of seconds >= 0 (or None: now), "
+                f"got {deadline_s!r}"
+            )
         agent = find_agent(provider)
         return bounded_get(
             agent.leave.remote(deadline_s), self.call_timeout_s, f"agent of {provider}"

@@ -43,7 +43,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raysys.runtime.errors import RaysysError, RemoteTimeout
+from raysys.runtime.errors import ConfigError, RaysysError, RemoteTimeout
 from raysys.runtime.local_cluster import PROVIDER_LABEL
 from raysys.sharing.agent import ensure_agent
 from raysys.sharing.drain import draining_nodes
@@ -233,8 +233,30 @@ class SharingController:
         if p is None or p.node_id != node_id or p.phase == "gone":
             return
         p.last_heartbeat = time.time()
-        if wish.get("leave") and not p.leave_started:
-            self._begin_leave(p, wish.get("deadline_at"), "its owner asked to leave")
+        if not wish.get("leave"):
+            return
+        if not p.leave_started:
+            self._begin_leave(
+                p,
+                wish.get("deadline_at"),
+                "its owner asked to leave",
+                grace_s=wish.get("grace_s"),
+            )
+            return
+        # The owner asked again with an earlier end: the owner wins, so the
+        # provider goes then; tenants still there resume from their last commit.
+        ends_at = wish.get("ends_at")
+        if (
+            ends_at is not None
+            and p.leave_deadline_at is not None
+            and ends_at < p.leave_deadline_at
+        ):
+            logger.info(
+                "provider %s: its owner moved the end %.1f s earlier",
+                p.name,
+                p.leave_deadline_at - ends_at,
+            )
+            p.leave_deadline_at = ends_at
 
     def _discover(self, now: float) -> None:
         nodes = ray.nodes()
@@ -313,14 +335,20 @@ class SharingController:
             self._sudden(self.workloads[ev.workload_id], ev)
         _kill(p.agent)
 
-    def _begin_leave(self, p: _Provider, deadline_at: float | None, why: str) -> None:
+    def _begin_leave(
+        self,
+        p: _Provider,
+        deadline_at: float | None,
+        why: str,
+        grace_s: float | None = None,
+    ) -> None:
         now = time.time()
         p.leave_started, p.phase = True, "draining"
-        p.leave_deadline_at = (
-            deadline_at
-            if deadline_at is not None
-            else now + self.config.immediate_grace_s
-        )
+        # Without a deadline the tenants get the owner's grace (the agent's
+        # wish), else the platform's immediate_grace_s.
+        if grace_s is None or not grace_s > 0:
+            grace_s = self.config.immediate_grace_s
+        p.leave_deadline_at = deadline_at if deadline_at is not None else now + grace_s
         p.reason = why
         deadline_s = None if deadline_at is None else max(0.0, deadline_at - now)
         logger.info(
@@ -331,7 +359,9 @@ class SharingController:
             if deadline_s is None
             else f"in {deadline_s:.1f} s",
         )
-        for ev in self.policy.reclaim(p.name, now=now, deadline_s=deadline_s):
+        for ev in self.policy.reclaim(
+            p.name, now=now, deadline_s=deadline_s, grace_s=grace_s
+        ):
             w = self.workloads[ev.workload_id]
             if ev.action is MigrationAction.CHECKPOINT_AND_MOVE:
                 self._spawn(self._evacuate(w, ev))
@@ -694,7 +724,9 @@ class SharingController:
             return {
                 "workload_id": w.wid,
                 "accepted": False,
-                "reason": f"{w.wid} is already running",
+                "duplicate": True,
+                "reason": f"{w.wid} is already submitted and {old.state}; cancel it "
+                "first or use another name",
             }
         if old is not None:
             self.policy.finish(w.wid)
@@ -736,25 +768,42 @@ class SharingController:
 
     async def cancel(self, workload_id: str) -> str:
         """Stop a workload after a final checkpoint; returns its state."""
-        w = self.workloads.get(workload_id)
-        if w is None:
-            return "unknown"
+        w = self._known(workload_id)
         if w.state in TERMINAL_STATES:
             return w.state
         if w.runner is not None and w.state == "running":
+            epoch = w.epoch
             try:
                 answer = await self._bounded(
                     w.runner.checkpoint_and_stop.remote(self.config.stop_timeout_s),
                     self.config.stop_timeout_s + 2.0,
                     "checkpoint-and-stop",
                 )
-                self._absorb(w, answer)
             except (RemoteTimeout, *RAY_DEATH_ERRORS) as e:
                 logger.warning(
                     "%s: cancel without a last checkpoint: %s", workload_id, e
                 )
+            else:
+                if w.epoch == epoch and w.state not in TERMINAL_STATES:
+                    self._absorb(w, answer)
+                    # It ended on its own before the stop: keep how it ended.
+                    if answer["state"] == "done":
+                        self._finish(w, "done", f"completed {w.step} steps")
+                    elif answer["state"] in ("failed", "fenced"):
+                        self._finish(w, "failed", "step() raised", answer.get("error"))
+            if w.state in TERMINAL_STATES:
+                return w.state
         self._finish(w, "cancelled", "cancelled by its tenant")
         return w.state
+
+    def _known(self, workload_id: str) -> _Workload:
+        w = self.workloads.get(workload_id)
+        if w is None:
+            raise ConfigError(
+                f"unknown workload {workload_id!r}; workload ids are tenant/name "
+                "as submit() returned them"
+            )
+        return w
 
     def status(self) -> SharingStatus:
         now = time.time()
@@ -836,7 +885,8 @@ class SharingController:
     def workload_states(
         self, workload_ids: list[str] | None = None
     ) -> dict[str, WorkloadStatus]:
-        ids = workload_ids or list(self.workloads)
+        # None: all of them; an empty list: none.
+        ids = list(self.workloads) if workload_ids is None else workload_ids
         return {
             i: self._workload_status(self.workloads[i])
             for i in ids
@@ -845,9 +895,7 @@ class SharingController:
 
     def result(self, workload_id: str) -> WorkloadResult:
         """The newest committed state of a workload and its step metrics."""
-        w = self.workloads.get(workload_id)
-        if w is None:
-            raise KeyError(f"unknown workload {workload_id!r}")
+        w = self._known(workload_id)
         checkpoint = self.store.tenant(w.spec.tenant).latest(w.spec.name)
         return WorkloadResult(
             workload_id=w.wid,

@@ -153,10 +153,13 @@ class MigrationPolicy:
     safety_margin_s: float = 2.0
     immediate_grace_s: float = 10.0
 
-    def time_left(self, deadline_s: float | None) -> float:
-        """Seconds a graceful checkpoint may take for a notice of ``deadline_s``."""
+    def time_left(
+        self, deadline_s: float | None, grace_s: float | None = None
+    ) -> float:
+        """Seconds a graceful checkpoint may take for a notice of ``deadline_s``
+        (None: at once, with ``grace_s``, by default ``immediate_grace_s``)."""
         if deadline_s is None:
-            return self.immediate_grace_s
+            return self.immediate_grace_s if grace_s is None else grace_s
         return max(0.0, deadline_s - self.safety_margin_s)
 
     def plan(
@@ -344,12 +347,19 @@ class PlacementPolicy:
             )
 
     def reclaim(
-        self, name: str, *, now: float, deadline_s: float | None
+        self,
+        name: str,
+        *,
+        now: float,
+        deadline_s: float | None,
+        grace_s: float | None = None,
     ) -> list[Evacuation]:
         """The owner takes the provider back: no new work, every tenant leaves.
 
         Args:
             deadline_s: seconds until the machine goes away; None means at once.
+            grace_s: with ``deadline_s`` None, the seconds tenants get to
+                checkpoint (None: the migration policy's ``immediate_grace_s``).
 
         Returns:
             One `Evacuation` per tenant (its allocation stays until `requeue`).
@@ -369,7 +379,7 @@ class PlacementPolicy:
                     else f"deadline in {deadline_s:.1f} s",
                     len(p.tenants),
                 )
-        time_left = self.migration.time_left(deadline_s)
+        time_left = self.migration.time_left(deadline_s, grace_s)
         out = []
         for wid in sorted(p.tenants):
             work = self._work[wid]

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from raysys.runtime.config import Config
+from raysys.sharing.store import StoreLocation
 
 WorkloadState = Literal[
     "queued",
@@ -29,13 +30,16 @@ class _Record(BaseModel):
 class PlatformConfig(Config):
     """Settings of the sharing platform's controller."""
 
-    store: str = Field(
+    store: StoreLocation = Field(
         description="checkpoint store: a directory every node can reach, or an "
         "s3:// / gs:// URI"
     )
     keep_last: int = Field(3, ge=1, description="checkpoints kept per workload")
     controller_name: str = Field(
-        "raysys-sharing", description="name of the controller actor"
+        "raysys-sharing",
+        min_length=1,
+        pattern=r"^\S+$",
+        description="name of the controller actor (no whitespace)",
     )
     poll_interval_s: float = Field(
         0.5, gt=0, description="seconds between control-loop passes"

@@ -22,6 +22,7 @@ and tensors. Anything else is refused with the path of the offending value.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,43 @@ TAG = "__raysys__"
 
 class StateEncodingError(RaysysError, TypeError):
     """A state holds a value the checkpoint format cannot store."""
+
+
+# numpy dtypes safetensors stores (`safetensors.numpy`); others are refused with
+# the value's path instead of failing inside safetensors without one.
+NUMPY_DTYPES = (
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    "float32",
+    "float64",
+    "complex64",
+)
+
+
+def _check_torch_tensor(value: Any, path: str) -> None:
+    torch = _torch_if_loaded()
+    if value.layout != torch.strided:
+        raise StateEncodingError(
+            f"state{path} is a {value.layout} torch tensor; store it dense "
+            "(tensor.to_dense())"
+        )
+    try:
+        from safetensors.torch import _SIZE as supported
+    except ImportError:  # a safetensors without the table: let save() decide
+        return
+    if value.dtype not in supported:
+        raise StateEncodingError(
+            f"state{path} is a torch tensor of dtype {value.dtype}, which "
+            "safetensors cannot store; convert it (for example to a real dtype)"
+        )
 
 
 def _is_torch_tensor(value: Any) -> bool:
@@ -64,26 +102,37 @@ def encode_state(state: Any) -> tuple[Any, dict[str, Any]]:
             return value
         if isinstance(value, int):
             return int(value)
-        if isinstance(value, float):
+        if isinstance(value, float):  # numpy's float64 is a float too
             if math.isfinite(value):
-                return value
-            return {TAG: "float", "value": repr(value)}
+                return float(value)
+            # repr of a plain float ("nan", "inf", "-inf"): numpy's own repr
+            # ("np.float64(nan)") would not parse back.
+            return {TAG: "float", "value": repr(float(value))}
         if isinstance(value, np.generic):
             return walk(value.item(), path)
         if isinstance(value, bytes):
             return {TAG: "bytes", "hex": value.hex()}
         if _is_torch_tensor(value):
+            _check_torch_tensor(value, path)
             key = f"t{len(tensors)}"
             tensors[key] = value.detach().cpu().contiguous().clone()
             return {TAG: "tensor", "key": key, "kind": "torch"}
         if isinstance(value, np.ndarray):
-            if value.dtype == object:
+            dtype = value.dtype
+            if dtype.kind == "O":
                 raise StateEncodingError(
                     f"state{path} is a numpy array of Python objects; store a "
                     "numeric array instead"
                 )
+            if dtype.name not in NUMPY_DTYPES:
+                raise StateEncodingError(
+                    f"state{path} is a numpy array of dtype {dtype}, which "
+                    f"safetensors cannot store; use one of {', '.join(NUMPY_DTYPES)}"
+                )
             key = f"t{len(tensors)}"
-            tensors[key] = np.ascontiguousarray(value).copy()
+            # np.array, not np.ascontiguousarray: the latter turns a 0-d array
+            # into shape (1,). Native byte order, as safetensors and torch expect.
+            tensors[key] = np.array(value, dtype=dtype.newbyteorder("="), order="C")
             return {TAG: "tensor", "key": key, "kind": "numpy"}
         if isinstance(value, tuple):
             items = [walk(v, f"{path}[{i}]") for i, v in enumerate(value)]
@@ -145,12 +194,21 @@ def decode_state(tree: Any, tensors: dict[str, Any]) -> Any:
         if tag == "dict":
             return {walk(k): walk(v) for k, v in value["items"]}
         if tag == "float":
-            return float(value["value"])
+            return _float(value["value"])
         if tag == "bytes":
             return bytes.fromhex(value["hex"])
         raise StateEncodingError(f"unknown tagged value {tag!r} in checkpoint")
 
     return walk(tree)
+
+
+# Written by earlier versions for numpy floats: "np.float64(nan)".
+_NUMPY_FLOAT_REPR = re.compile(r"np\.float\d*\((.*)\)")
+
+
+def _float(text: str) -> float:
+    match = _NUMPY_FLOAT_REPR.fullmatch(text)
+    return float(match[1] if match else text)
 
 
 def tensors_to_bytes(tensors: dict[str, Any]) -> tuple[bytes, str]:

@@ -84,7 +84,9 @@ TENSOR_FILE = "tensors.safetensors"
 MANIFEST_FILE = "MANIFEST.json"
 COMMIT_FILE = "COMMITTED"
 FENCE_FILE = "FENCE"
-CKPT_DIR = re.compile(r"ckpt-(\d{12})-(\d{4})")
+# At least 12 and 4 digits: a step past 10**12 or an incarnation past 9999
+# widens its field, and such a checkpoint must still be found.
+CKPT_DIR = re.compile(r"ckpt-(\d{12,})-(\d{4,})")
 CLOUD_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "file://")
 
 
@@ -129,10 +131,21 @@ def _checkpoint_id(step: int, incarnation: int) -> str:
 
 
 def _check_local_location(uri: str) -> str:
-    # A config field's check: a local store must be a folder or creatable; a
-    # URI is opened when the store is (that may need the network).
+    # A config field's check: a local store must be a folder or creatable, a
+    # URI must have a scheme the store opens; the URI itself is opened when the
+    # store is (that may need the network).
+    if not uri:
+        raise ValueError(
+            "the checkpoint store location is empty; give a directory or a "
+            "s3:// or gs:// URI"
+        )
     if "://" not in uri:
         check_output_dir(Path(uri))
+    elif not uri.startswith(CLOUD_SCHEMES):
+        raise ValueError(
+            f"checkpoint store location {uri!r} has an unsupported scheme; use a "
+            f"directory or one of {', '.join(CLOUD_SCHEMES)}"
+        )
     return uri
 
 
@@ -164,7 +177,7 @@ def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if not uri.startswith(CLOUD_SCHEMES):
         raise ConfigError(
             f"checkpoint store location {uri!r} has an unsupported scheme; use a "
-            "directory, file://, s3:// or gs://"
+            f"directory or one of {', '.join(CLOUD_SCHEMES)}"
         )
     try:
         fs, path = pafs.FileSystem.from_uri(uri)

@@ -205,3 +205,26 @@ def test_join_status_leave(cluster, tmp_path):
         env,
     )
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["leave", "--name", "lab-a", "--grace", "-5"], "--grace must be"),
+        (["leave", "--name", "lab-a", "--grace", "nan"], "got nan"),
+        (["join", "--name", "lab-a", "--gpus", "1", "--cpus", "-1"], "--cpus"),
+        (
+            ["join", "--name", "lab-a", "--gpus", "1", "--object-store-mb", "0"],
+            "--object-store-mb",
+        ),
+        (["bogus"], "unknown provider command 'bogus'"),
+    ],
+)
+def test_bad_provider_arguments_are_refused_before_any_cluster_work(
+    argv, message, capsys
+):
+    from raysys.cli import main
+
+    assert main(["provider", *argv]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.out + captured.err

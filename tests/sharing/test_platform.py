@@ -258,3 +258,68 @@ def test_failing_and_oversized_workloads_fail_alone(
         "value": cancelled.step,
         "num_steps": cancelled.step,
     }
+
+
+def test_bad_calls_fail_alone_and_an_owner_can_leave_at_once(
+    ray_cluster, add_provider, tmp_path
+):
+    from raysys.runtime.errors import ConfigError
+    from raysys.sharing.names import InvalidName
+
+    with pytest.raises(ConfigError, match="unsupported scheme"):
+        SharingClient.start(store="http://host/ckpt")
+    add_provider("lab-q", num_gpus=1)
+    client = start_platform(tmp_path)
+    try:
+        client.wait_for_providers(1, timeout_s=60)
+        wid = client.submit(
+            Counter,
+            dict(tenant="t", name="keep", gpus=0.5, checkpoint={"every_steps": 5}),
+            step_delay_s=0.02,
+        )
+        # a second submission of a running name is a caller's error, not a
+        # resource refusal, and leaves the first one running
+        with pytest.raises(ConfigError, match="already submitted"):
+            client.submit(Counter, dict(tenant="t", name="keep", gpus=0.5))
+        with pytest.raises(ConfigError, match="unknown workload 't/nope'"):
+            client.cancel("t/nope")
+        with pytest.raises(ConfigError, match="unknown workload 't/nope'"):
+            client.result("t/nope")
+        t0 = time.monotonic()
+        assert client.wait([], timeout_s=30) == {}  # not every workload
+        assert time.monotonic() - t0 < 5
+        with pytest.raises(ConfigError, match="nan"):
+            client.leave("lab-q", float("nan"))
+        with pytest.raises(InvalidName, match="'../x'"):
+            client.leave("../x", 10)
+        wait_until(
+            client,
+            lambda s: any(
+                w.workload_id == wid and (w.last_checkpoint_step or 0) >= 10
+                for w in s.workloads
+            ),
+            "the workload running with a few commits",
+        )
+        # The owner leaves with notice, then changes to now: both answer (a
+        # deadline of 0 used to end the agent before it replied).
+        first = client.leave("lab-q", 30)
+        assert client.leave("lab-q", 60) == first  # later: nothing changes
+        now = client.leave("lab-q", 0)
+        assert now["ends_at"] < first["ends_at"]
+        status = wait_until(
+            client,
+            lambda s: (
+                any(w.workload_id == wid and w.state == "queued" for w in s.workloads)
+                and any(p.name == "lab-q" and p.phase == "gone" for p in s.providers)
+            ),
+            "the provider gone and its tenant back in the queue (no other provider)",
+            timeout_s=60,
+        )
+        committed = next(w for w in status.workloads if w.workload_id == wid)
+        assert client.cancel(wid) == "cancelled"
+        result = client.result(wid)
+    finally:
+        client.shutdown()
+    # nothing committed was lost on the way
+    assert result.step >= committed.last_checkpoint_step >= 10
+    assert result.final_state == {"value": result.step, "num_steps": result.step}

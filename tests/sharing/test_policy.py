@@ -259,3 +259,21 @@ def test_every_decision_is_logged_with_its_reason(caplog):
     assert "evacuation w: owner of lab-a reclaims it" in caplog.text
     kinds = [type(d) for d in policy.recent_decisions()]
     assert kinds[:2] == [Queued, Placement]
+
+
+def test_reclaim_without_deadline_gives_the_owners_grace():
+    policy = PlacementPolicy(migration=MigrationPolicy(immediate_grace_s=10.0))
+    policy.add_provider("lab-a", 1)
+    policy.submit(req("ckpt-30s", 1, est=30.0), now=0)
+    policy.schedule(now=0)
+    (ev,) = policy.reclaim("lab-a", now=1, deadline_s=None, grace_s=60.0)
+    assert ev.time_left_s == pytest.approx(60.0)
+    assert ev.action is MigrationAction.CHECKPOINT_AND_MOVE
+    # without the owner's grace the platform's default applies
+    policy = PlacementPolicy(migration=MigrationPolicy(immediate_grace_s=10.0))
+    policy.add_provider("lab-a", 1)
+    policy.submit(req("ckpt-30s", 1, est=30.0), now=0)
+    policy.schedule(now=0)
+    (ev,) = policy.reclaim("lab-a", now=1, deadline_s=None)
+    assert ev.time_left_s == pytest.approx(10.0)
+    assert ev.action is MigrationAction.RESUME_FROM_LAST

@@ -89,3 +89,48 @@ def test_unstorable_values_are_refused_with_their_path(bad, where):
     with pytest.raises(StateEncodingError) as err:
         encode_state(bad)
     assert where in str(err.value)
+
+
+@pytest.mark.parametrize("value", [np.float64("nan"), np.float64("inf"), -np.inf])
+def test_non_finite_numpy_floats_roundtrip(value):
+    back = roundtrip({"loss": value, "history": [value, 1.0]})
+    assert math.isnan(back["loss"]) if math.isnan(value) else back["loss"] == value
+    assert back["history"][1] == 1.0
+    assert type(back["loss"]) is float
+
+
+def test_numpy_float_written_by_earlier_versions_still_decodes():
+    # An earlier encoder wrote numpy's repr; such committed states stay readable.
+    tree = {"x": {TAG: "float", "value": "np.float64(-inf)"}}
+    assert decode_state(tree, {}) == {"x": -math.inf}
+
+
+@pytest.mark.parametrize("torch_too", [False, True])
+def test_numpy_arrays_keep_shape_and_values_whatever_their_layout(torch_too):
+    state = {
+        "scalar": np.array(7.5),  # 0-d
+        "big_endian": np.array([1.5, -2.25], dtype=">f4"),
+        "strided": np.arange(12, dtype=np.int64).reshape(3, 4)[:, 1],
+    }
+    if torch_too:
+        state["t"] = torch.arange(3)
+    back = roundtrip(state)
+    assert back["scalar"].shape == () and back["scalar"] == 7.5
+    assert back["big_endian"].tolist() == [1.5, -2.25]
+    assert back["strided"].tolist() == [1, 5, 9]
+
+
+@pytest.mark.parametrize(
+    "bad, what",
+    [
+        (np.zeros(2, dtype=np.complex128), "dtype complex128"),
+        (np.array(["ab"]), "dtype <U2"),
+        (np.array(["2020-01-01"], dtype="datetime64[D]"), "dtype datetime64[D]"),
+        (torch.zeros(2, dtype=torch.complex128), "dtype torch.complex128"),
+        (torch.zeros(3).to_sparse(), "to_dense"),
+    ],
+)
+def test_tensors_safetensors_cannot_store_are_refused_with_their_path(bad, what):
+    with pytest.raises(StateEncodingError) as err:
+        encode_state({"opt": [1, bad]})
+    assert "state['opt'][1]" in str(err.value) and what in str(err.value)

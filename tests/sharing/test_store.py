@@ -146,3 +146,55 @@ def test_bad_locations_and_settings_are_refused(tmp_path):
         CheckpointStore(str(tmp_path), keep_last=0)
     with pytest.raises(ConfigError, match="empty"):
         CheckpointStore("")
+
+
+def test_non_finite_numpy_float_commits_a_readable_checkpoint(store):
+    alice = store.tenant("alice")
+    alice.save("run", 10, {"loss": np.float64("nan"), "best": np.float64("inf")})
+    got = alice.latest("run")
+    assert got is not None and got.step == 10
+    assert np.isnan(got.state["loss"]) and got.state["best"] == float("inf")
+
+
+def test_checkpoints_past_the_id_widths_are_still_found(store):
+    alice = store.tenant("alice")
+    alice.save("run", 5, state_at(5), incarnation=9999)
+    alice.save("run", 6, state_at(6), incarnation=10_000)
+    alice.save("run", 10**12, state_at(7), incarnation=10_001)
+    assert [c.step for c in alice.list("run")] == [5, 6, 10**12]
+    latest = alice.latest("run")
+    assert latest.step == 10**12 and latest.info.incarnation == 10_001
+
+
+@pytest.mark.parametrize(
+    "store_value, message",
+    [
+        ("http://host/dir", "unsupported scheme"),
+        ("", "empty"),
+        ("FILE", "is a file"),
+    ],
+)
+def test_platform_config_refuses_a_bad_store_up_front(tmp_path, store_value, message):
+    from raysys.sharing.records import PlatformConfig
+
+    if store_value == "FILE":
+        store_value = str(tmp_path / "a-file")
+        (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ValueError, match=message):
+        PlatformConfig(store=store_value)
+
+
+@pytest.mark.parametrize("name", ["", "two words"])
+def test_platform_config_refuses_an_unusable_controller_name(tmp_path, name):
+    from raysys.sharing.records import PlatformConfig
+
+    with pytest.raises(ValueError, match="controller_name"):
+        PlatformConfig(store=str(tmp_path), controller_name=name)
+
+
+def test_store_on_a_path_with_spaces_and_unicode(tmp_path):
+    where = tmp_path / "lab store" / "prüfung"
+    alice = CheckpointStore(str(where)).tenant("alice")
+    alice.save("run", 3, state_at(3))
+    assert alice.latest("run").state["step"] == 3
+    assert (where / "alice" / "run").is_dir()
