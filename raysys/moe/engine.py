@@ -25,6 +25,7 @@ resident; its experts come only from the expert hosts, through the cache.
 from __future__ import annotations
 
 import logging
+import numbers
 import statistics
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -401,7 +402,7 @@ class MoEEngine:
                 self._check_cutoff(cutoff)
         # Every value is checked above: a refused call leaves the engine as it was.
         if draft_length is not None:
-            self.draft_length = draft_length
+            self.draft_length = int(draft_length)
         if mode != "sd-prefetch":
             self.mode = mode
             self.cutoff = None
@@ -495,8 +496,9 @@ class MoEEngine:
                 that are empty or outside the vocabulary.
         """
         self._check_budget(max_new_tokens)
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._check_ids(ids)
+        ids = self._check_ids(
+            self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        )
         limit = self.target.config.max_position_embeddings - max_new_tokens
         prompt_tokens = len(ids)
         if len(ids) > limit:
@@ -573,7 +575,7 @@ class MoEEngine:
         """Generate for one tokenised prompt in the current mode."""
         self._check_budget(max_new_tokens)
         return self.run_sequence(
-            list(prompt_ids),
+            prompt_ids,
             max_new_tokens,
             seed=self.config.seed if seed is None else seed,
             stop_ids=stop_ids,
@@ -601,14 +603,23 @@ class MoEEngine:
             runs, max_new_tokens, sum(self.pool.num_replacements) - restarts
         )
 
-    def _check_ids(self, ids: Sequence[int]) -> None:
+    def _check_ids(self, prompt: Sequence[int]) -> list[int]:
+        """The prompt's token ids as plain ints, each checked against the vocabulary.
+
+        Numpy and torch integers (an array's elements, ids that came through
+        Ray) are token ids like ints.
+        """
+        # Arrays and tensors give plain ints this way.
+        ids = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)
         if not ids:
             raise ConfigError("the prompt has no tokens; give at least one token id")
         vocab = self.target.config.vocab_size
         bad = [
             (i, t)
             for i, t in enumerate(ids)
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab
+            if not isinstance(t, numbers.Integral)
+            or isinstance(t, bool)
+            or not 0 <= t < vocab
         ]
         if bad:
             i, t = bad[0]
@@ -616,6 +627,7 @@ class MoEEngine:
                 f"prompt token {i} is {t!r}, not a token id in [0, {vocab}) of the "
                 f"target's vocabulary ({len(bad)} such)"
             )
+        return [int(t) for t in ids]
 
     def _check_budget(self, max_new_tokens: int) -> None:
         if max_new_tokens < 1:
@@ -749,7 +761,7 @@ class MoEEngine:
                 or (``layer-lru``) below one slot per layer.
         """
         if (
-            not isinstance(capacity, int)
+            not isinstance(capacity, numbers.Integral)
             or isinstance(capacity, bool)
             or not 1 <= capacity <= self.num_experts_total
         ):
@@ -762,6 +774,7 @@ class MoEEngine:
                 f"cache_policy layer-lru needs a slot per layer: cache of {capacity} "
                 f"experts < {self.num_layers} layers; give at least {self.num_layers}"
             )
+        capacity = int(capacity)  # a numpy integer, say
         with self.fetcher.lock:
             self.fetcher.cache.resize(capacity)
         self.capacity = capacity
@@ -784,7 +797,7 @@ def _check_draft_length(draft_length: object) -> None:
     low = next(m.ge for m in limits if hasattr(m, "ge"))
     high = next(m.le for m in limits if hasattr(m, "le"))
     if (
-        not isinstance(draft_length, int)
+        not isinstance(draft_length, numbers.Integral)
         or isinstance(draft_length, bool)
         or not low <= draft_length <= high
     ):

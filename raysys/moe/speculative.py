@@ -41,14 +41,35 @@ logger = logging.getLogger(__name__)
 def probs_from_logits(logits: Tensor, temperature: float) -> Tensor:
     """Sampling distribution of ``logits (..., V)`` at ``temperature`` (> 0), float32.
 
-    A temperature so small that ``logits / temperature`` overflows (or rounds
-    to 0 in float32) gives the distribution it tends to instead of NaN: all the
-    mass, shared evenly, on the largest logits.
+    A row whose ``logits / temperature`` overflows (a temperature so small it
+    rounds to 0 in float32, or a ``+inf`` logit) gives the distribution it tends
+    to instead of NaN: all the mass, shared evenly, on its largest logits. Each
+    row is its own distribution: the other rows, and ``-inf`` logits (tokens
+    that cannot be drawn), are softmaxed as they are.
+
+    Raises:
+        ValueError: the logits hold NaN (a broken forward); sampling or
+            accepting tokens from them would go on silently.
     """
-    scaled = logits.float() / temperature
-    if not torch.isfinite(scaled).all():
-        top = logits.float() == logits.float().amax(dim=-1, keepdim=True)
-        scaled = torch.where(top, 0.0, -torch.inf)
+    logits = logits.float()
+    if torch.isnan(logits).any():
+        raise ValueError(
+            f"logits hold NaN ({int(torch.isnan(logits).sum())} of "
+            f"{logits.numel()}); the model's forward is broken, so no token can "
+            "be sampled from them"
+        )
+    scaled = logits / temperature
+    # softmax is NaN where a row's largest scaled logit is not finite (+inf:
+    # overflow or a +inf logit; -inf: every logit underflowed) or holds 0 / 0
+    # (a temperature rounded to 0): there it takes the limit as T -> 0. Rows
+    # of only -inf logits have no limit and stay NaN.
+    peak = scaled.amax(dim=-1, keepdim=True)  # NaN if any 0 / 0
+    drawable = logits.amax(dim=-1, keepdim=True) > -torch.inf
+    degenerate = ~torch.isfinite(peak) & drawable
+    if degenerate.any():
+        top = logits == logits.amax(dim=-1, keepdim=True)
+        limit = torch.where(top, 0.0, -torch.inf)
+        scaled = torch.where(degenerate, limit, scaled)
     return torch.softmax(scaled, dim=-1)
 
 

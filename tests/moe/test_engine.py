@@ -221,6 +221,19 @@ def test_direct_calls_check_the_budget_and_the_token_ids(engine):
             engine.generate_ids([65, bad], 4)
 
 
+def test_numpy_and_torch_token_ids_are_served_like_ints(engine):
+    # Ids from an array, a tensor or a Ray object are numpy or torch integers.
+    import numpy as np
+
+    engine.set_mode("ar")
+    ids = engine.tokenizer.encode(BUILTIN_PROMPTS[0])
+    want = engine.generate_ids(ids, 4, seed=0).trace.tokens
+    for given in (np.array(ids), torch.tensor(ids), [np.int64(t) for t in ids]):
+        assert engine.generate_ids(given, 4, seed=0).trace.tokens == want
+    with pytest.raises(ConfigError, match="prompt token 1 is 300, not a token"):
+        engine.generate_ids(np.array([65, 300]), 4)
+
+
 def test_a_prompt_beyond_the_context_is_clipped_and_counted(engine):
     engine.set_mode("ar")
     text = "def f(x):\n    return x\n" * 120
@@ -248,21 +261,36 @@ def test_resize_is_bounded_by_the_model(engine):
         with pytest.raises(ConfigError, match=rf"1 to 32 experts .*got {bad}"):
             engine.resize_cache(bad)
     assert engine.capacity == 8 and engine.fetcher.cache.capacity == 8
+    # Sizes computed with numpy are sizes like ints.
+    import numpy as np
+
+    engine.resize_cache(np.int64(8))
+    assert type(engine.capacity) is int and engine.capacity == 8
+    engine.set_mode("sd", draft_length=np.int64(3))
+    assert type(engine.draft_length) is int and engine.draft_length == 3
+    engine.set_mode("sd", draft_length=4)
 
 
 def test_a_failed_pass_releases_its_pins(engine, references):
     engine.set_mode("sd", draft_length=4)
     fetch = engine.fetcher._fetch
+    fetched = []
 
-    def lost(key):
-        raise RuntimeError(f"link down for {key}")
+    def lost_after_a_while(key):
+        # The link goes down mid-sequence, so the failing layer's other experts
+        # are cache hits, pinned by the pass that then fails.
+        if len(fetched) >= 12:
+            raise RuntimeError(f"link down for {key}")
+        fetched.append(key)
+        return fetch(key)
 
-    engine.fetcher._fetch = lost
+    engine.fetcher._fetch = lost_after_a_while
     try:
         with pytest.raises(ExpertFetchError, match="link down"):
-            engine.generate(BUILTIN_PROMPTS[:1], 8)
+            engine.generate(BUILTIN_PROMPTS[:1], NUM_TOKENS)
     finally:
         engine.fetcher._fetch = fetch
+    assert len(engine.fetcher.cache) > 0  # hits were there to pin
     assert not any(e.pins for e in engine.fetcher.cache.entries.values())
     report = engine.generate(BUILTIN_PROMPTS[:1], NUM_TOKENS)
     assert report.outputs[0].token_ids == references[0]

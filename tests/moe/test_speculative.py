@@ -15,6 +15,7 @@ from raysys.moe.speculative import (
     generate_autoregressive,
     generate_speculative,
     greedy_verify,
+    probs_from_logits,
     rejection_verify,
     residual_distribution,
 )
@@ -258,3 +259,25 @@ def test_a_budget_below_one_token_is_refused(resident_pair, speculative):
             generate_speculative(target, draft, prompt_ids(0), params, draft_length=2)
         else:
             generate_autoregressive(target, prompt_ids(0), params)
+
+
+def test_each_row_is_its_own_distribution_and_minus_inf_is_no_overflow():
+    # Unlikely tokens masked with -inf keep the softmax of the others, and a
+    # row that overflows (here a +inf logit) takes its limit alone: the other
+    # rows of a verification pass keep their own distributions.
+    inf = float("inf")
+    logits = torch.tensor([[0.0, 1.0, -inf], [0.0, inf, 2.0], [0.0, 1.0, 2.0]])
+    got = probs_from_logits(logits, 1.0)
+    assert torch.allclose(got[0], torch.softmax(torch.tensor([0.0, 1.0, -inf]), 0))
+    assert torch.equal(got[1], torch.tensor([0.0, 1.0, 0.0]))
+    assert torch.allclose(got[2], torch.softmax(logits[2], 0))
+    # Logits that all underflow to -inf once scaled still sample their largest.
+    tiny = probs_from_logits(torch.tensor([-1.0, -2.0, -inf]), 1e-46)
+    assert torch.equal(tiny, torch.tensor([1.0, 0.0, 0.0]))
+
+
+def test_nan_logits_are_an_error_not_a_silent_choice():
+    # A NaN target probability would make the acceptance test always accept.
+    logits = torch.tensor([[0.0, float("nan"), 2.0], [0.0, 1.0, 0.5]])
+    with pytest.raises(ValueError, match=r"logits hold NaN \(1 of 6\)"):
+        probs_from_logits(logits, 1.0)

@@ -291,6 +291,26 @@ def test_gzip_compressed_traces_are_read(tmp_path, name):
     _azure_two_rows_ok(load_trace(path))
 
 
+@pytest.mark.parametrize("name", ["mooncake.jsonl.gz", "mooncake.jsonl"])
+def test_gzip_compressed_mooncake_traces_are_read(tmp_path, name):
+    import gzip
+
+    rows = [
+        {"timestamp": 0, "input_length": 5, "output_length": 3},
+        {"timestamp": 500, "input_length": 7, "output_length": 2},
+    ]
+    path = tmp_path / name
+    path.write_bytes(
+        gzip.compress(b"\xef\xbb\xbf" + "\n".join(map(json.dumps, rows)).encode())
+    )
+    trace = load_trace(path)
+    assert [(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in trace] == [
+        (0.0, 5, 3),
+        (0.5, 7, 2),
+    ]
+    assert trace.num_malformed == 0
+
+
 def test_a_damaged_gzip_trace_is_a_clear_error(tmp_path):
     import gzip
 
