@@ -264,7 +264,7 @@ def _print(bench: BenchReport, out: Path) -> None:
     print(
         f"sd-prefetch (cutoff {bench.cutoff}) is {_fmt(bench.speedup_vs_sd, '.2f', 'x')} "
         f"faster per token than sd and {_fmt(bench.speedup_vs_ar, '.2f', 'x')} faster "
-        f"than ar; prefetch recall {bench.prefetch_recall}"
+        f"than ar; prefetch recall {_fmt(bench.prefetch_recall, '.3f')}"
     )
     print(
         f"median per-prompt speedups: {_fmt(bench.speedup_vs_sd_median, '.2f', 'x')} "
