@@ -92,8 +92,10 @@ class WorkloadSpec(Config):
 
     tenant: str = Field(description="tenant that owns the workload (a safe name)")
     name: str = Field(description="workload name, unique within the tenant")
+    # Strict: True or "1" is not read as one GPU.
     gpus: float = Field(
-        description="GPU need: a fraction below 1 (0.25) or a whole number (2)"
+        strict=True,
+        description="GPU need: a fraction below 1 (0.25) or a whole number (2)",
     )
     kind: WorkloadKind = Field(
         WorkloadKind.BATCH, description="interactive (placed first) or batch"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from pydantic import ValidationError
 
 from raysys.runtime.errors import ConfigError
 from raysys.sharing.policy import (
@@ -17,7 +18,7 @@ from raysys.sharing.policy import (
     Refusal,
     Request,
 )
-from raysys.sharing.workload import WorkloadKind
+from raysys.sharing.workload import WorkloadKind, WorkloadSpec
 
 BATCH, INTERACTIVE = WorkloadKind.BATCH, WorkloadKind.INTERACTIVE
 
@@ -277,3 +278,11 @@ def test_reclaim_without_deadline_gives_the_owners_grace():
     (ev,) = policy.reclaim("lab-a", now=1, deadline_s=None)
     assert ev.time_left_s == pytest.approx(10.0)
     assert ev.action is MigrationAction.RESUME_FROM_LAST
+
+
+@pytest.mark.parametrize("gpus", [True, "1", None])
+def test_a_workload_spec_takes_only_numbers_as_its_gpu_need(gpus):
+    with pytest.raises(ValidationError, match="gpus"):
+        WorkloadSpec(tenant="t", name="w", gpus=gpus)
+    assert WorkloadSpec(tenant="t", name="w", gpus=1).gpus == 1.0
+    assert WorkloadSpec(tenant="t", name="w", gpus=0.25).gpus == 0.25
