@@ -630,42 +630,50 @@ def check_slos_reachable(
             "time, so it has no request rate to scale and no goodput; give a "
             "trace whose arrivals span some time"
         )
-    if tpot_slo_s is not None:
-        _check_tpot_reachable(trace, profile, tpot_slo_s, target_attainment)
     prefill = np.array([profile.prefill_time_s(r.prompt_tokens) for r in trace])
-    out_of_reach = float(np.mean(prefill > ttft_slo_s))
-    if out_of_reach > 1.0 - target_attainment + 1e-9:
-        needed = float(np.quantile(prefill, target_attainment, method="higher"))
-        raise ConfigError(
-            f"TTFT target {ttft_slo_s:g} s: {out_of_reach:.1%} of the requests of "
-            f"{trace.name} need longer than that for their prefill alone on "
-            f"{profile.name}, so no policy reaches {target_attainment:.0%} "
-            f"attainment at any rate; use a TTFT target above {needed:.2f} s "
-            "(--ttft-slo-s)"
+    _refuse_out_of_reach(
+        prefill, ttft_slo_s, target_attainment, trace, profile,
+        target="TTFT", flag="--ttft-slo-s", precision=".2f",
+        need="for their prefill alone",
+    )  # fmt: skip
+    if tpot_slo_s is not None:
+        # A one-token answer has no TPOT; every other one takes at least its
+        # first decode step alone on an idle instance per token.
+        alone = np.array(
+            [
+                profile.decode_step_time_s(r.prompt_tokens + 1, 1)
+                if r.output_tokens > 1
+                else 0.0
+                for r in trace
+            ]
         )
+        _refuse_out_of_reach(
+            alone, tpot_slo_s, target_attainment, trace, profile,
+            target="TPOT", flag="--tpot-slo-s", precision=".3f",
+            need="per token even decoding alone",
+            why=f" (a decode step costs at least {profile.decode_overhead_s:.3g} s)",
+        )  # fmt: skip
 
 
-def _check_tpot_reachable(
-    trace: Trace, profile: LatencyProfile, tpot_slo_s: float, target_attainment: float
+def _refuse_out_of_reach(
+    times: np.ndarray,
+    slo_s: float,
+    target_attainment: float,
+    trace: Trace,
+    profile: LatencyProfile,
+    *,
+    target: str,
+    flag: str,
+    precision: str,
+    need: str,
+    why: str = "",
 ) -> None:
-    # A one-token answer has no TPOT; every other one takes at least its first
-    # decode step alone on an idle instance per token.
-    alone = np.array(
-        [
-            profile.decode_step_time_s(r.prompt_tokens + 1, 1)
-            if r.output_tokens > 1
-            else 0.0
-            for r in trace
-        ]
-    )
-    out_of_reach = float(np.mean(alone > tpot_slo_s))
+    out_of_reach = float(np.mean(times > slo_s))
     if out_of_reach > 1.0 - target_attainment + 1e-9:
-        needed = float(np.quantile(alone, target_attainment, method="higher"))
+        needed = float(np.quantile(times, target_attainment, method="higher"))
         raise ConfigError(
-            f"TPOT target {tpot_slo_s:g} s: {out_of_reach:.1%} of the requests of "
-            f"{trace.name} need longer than that per token even decoding alone on "
-            f"{profile.name} (a decode step costs at least "
-            f"{profile.decode_overhead_s:.3g} s), so no policy reaches "
-            f"{target_attainment:.0%} attainment at any rate; use a TPOT target "
-            f"above {needed:.3f} s (--tpot-slo-s)"
+            f"{target} target {slo_s:g} s: {out_of_reach:.1%} of the requests of "
+            f"{trace.name} need longer than that {need} on {profile.name}{why}, so "
+            f"no policy reaches {target_attainment:.0%} attainment at any rate; use "
+            f"a {target} target above {needed:{precision}} s ({flag})"
         )
