@@ -29,7 +29,7 @@ import logging
 import numbers
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -497,13 +497,15 @@ def measure_profile(
     kv_capacity_tokens: int = 65536,
     kv_transfer_bytes_per_s: float = 1e9,
     name: str = "measured",
+    clock: Callable[[], float] = time.perf_counter,
 ):
     """Fit a `LatencyProfile` by timing this engine's own steps on ``model``.
 
     Prefill samples are whole prompts of ``prompt_lengths`` (within the model's
     context and the step budget); decode samples are steps over
     ``batch_sizes`` sequences of ``context_tokens`` each (median of
-    ``num_decode_steps``).
+    ``num_decode_steps``). ``clock`` is the timer the steps are measured with,
+    in seconds.
     """
     from raysys.serving.profile import fit_profile
 
@@ -538,9 +540,9 @@ def measure_profile(
         for _ in range(3):
             engine = Engine(model, engine_config, kv_capacity_tokens=kv_capacity_tokens)
             engine.add_prefill(0, prompt(n), 2, ignore_eos=True)
-            begin = time.perf_counter()
+            begin = clock()
             engine.step()
-            times.append(time.perf_counter() - begin)
+            times.append(clock() - begin)
         prefill_samples.append((n, sorted(times)[1]))
 
     decode_samples = []
@@ -551,10 +553,17 @@ def measure_profile(
                 engine_config.model_copy(update={"max_num_seqs": max(batch, 1)}),
                 kv_capacity_tokens=kv_capacity_tokens,
             )
+            # Prompts that need several chunked steps: the first ones decode
+            # while the rest prefill, so their budget covers those steps too
+            # (within the context) and every sample records the sequences
+            # that really decoded.
+            setup_steps = -(-batch * context // engine_config.max_step_tokens) + 1
+            new_tokens = min(
+                num_decode_steps + 2 + setup_steps,
+                model.config.max_position_embeddings - context,
+            )
             for i in range(batch):
-                engine.add_prefill(
-                    i, prompt(context), num_decode_steps + 2, ignore_eos=True
-                )
+                engine.add_prefill(i, prompt(context), new_tokens, ignore_eos=True)
             while engine.prefill_queue:
                 for event in engine.step():
                     if isinstance(event, FirstToken):
@@ -562,12 +571,14 @@ def measure_profile(
             times = []
             for _ in range(num_decode_steps):
                 load = engine.load()
-                begin = time.perf_counter()
+                if not load.num_decode:
+                    break
+                begin = clock()
                 engine.step()
-                times.append((load.decode_tokens, time.perf_counter() - begin))
-            times.sort(key=lambda t: t[1])
-            tokens, seconds = times[len(times) // 2]
-            decode_samples.append((tokens, batch, seconds))
+                times.append((load.decode_tokens, load.num_decode, clock() - begin))
+            if times:
+                times.sort(key=lambda t: t[2])
+                decode_samples.append(times[len(times) // 2])
 
     return fit_profile(
         prefill_samples,

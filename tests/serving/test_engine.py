@@ -177,7 +177,95 @@ def test_load_reports_the_work_on_the_engine(model):
     assert load.prefill_pairs == pytest.approx(40**2 - 16**2 + 10**2)
 
 
-def test_measured_profile_predicts_engine_steps(model):
+class SyntheticStepClock:
+    """A clock that moves only when an engine step runs, by a known cost of the
+    work that step did.
+
+    Prefill chunks cost ``a·(end² - past²) + b·tokens`` each, decode work
+    ``alpha·context + gamma·sequences``, plus the larger of the fixed costs ``c``
+    (prefill) and ``beta`` (decode) present in the step: the cost model of
+    `LatencyProfile.step_time_s`. Every third step also takes a ``hiccup_s``
+    stall (another process taking the CPU), which the medians must discard.
+    """
+
+    def __init__(self, a, b, c, alpha, gamma, beta, hiccup_s=1.0):
+        self.a, self.b, self.c = a, b, c
+        self.alpha, self.gamma, self.beta = alpha, gamma, beta
+        self.hiccup_s = hiccup_s
+        self.now_s = 0.0
+        self.num_steps = 0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def run(self, engine: Engine, real_step):
+        prefill_before = {id(s): s.num_prefilled for s in engine.prefill_queue}
+        prefilling = list(engine.prefill_queue)
+        decodable = [*engine.running, *engine.ready]
+        context_before = {id(s): len(s.prompt) + len(s.output) for s in decodable}
+        output_before = {id(s): len(s.output) for s in decodable}
+        events = real_step(engine)
+
+        cost, overhead = 0.0, 0.0
+        for seq in prefilling:
+            past, end = prefill_before[id(seq)], seq.num_prefilled
+            if end > past:
+                cost += self.a * (end * end - past * past) + self.b * (end - past)
+                overhead = max(overhead, self.c)
+        decoded = [s for s in decodable if len(s.output) > output_before[id(s)]]
+        if decoded:
+            cost += self.alpha * sum(context_before[id(s)] for s in decoded)
+            cost += self.gamma * len(decoded)
+            overhead = max(overhead, self.beta)
+        self.num_steps += 1
+        stall = self.hiccup_s if self.num_steps % 3 == 0 else 0.0
+        self.now_s += cost + overhead + stall
+        return events
+
+
+STEP_COSTS = dict(a=3e-7, b=2e-5, c=4e-3, alpha=5e-6, gamma=1e-4, beta=2e-3)
+
+
+def assert_fit_recovers_step_costs(model, monkeypatch, max_step_tokens: int):
+    clock = SyntheticStepClock(**STEP_COSTS)
+    real_step = Engine.step
+    monkeypatch.setattr(Engine, "step", lambda engine: clock.run(engine, real_step))
+    profile = measure_profile(
+        model,
+        EngineConfig(max_step_tokens=max_step_tokens),
+        prompt_lengths=(16, 64, 128, 256),
+        batch_sizes=(1, 8),
+        context_tokens=(32, 128),
+        num_decode_steps=3,
+        clock=clock,
+    )
+    assert clock.num_steps > 0
+    assert profile.source == "fit"
+    fitted = dict(
+        a=profile.prefill_s_per_token_sq,
+        b=profile.prefill_s_per_token,
+        c=profile.prefill_overhead_s,
+        alpha=profile.decode_s_per_batch_token,
+        gamma=profile.decode_s_per_seq,
+        beta=profile.decode_overhead_s,
+    )
+    assert fitted == pytest.approx(STEP_COSTS, rel=1e-6)
+
+
+def test_profile_fit_recovers_known_step_costs(model, monkeypatch):
+    # A budget that prefills each decode batch (8 x 128 tokens) in one step.
+    assert_fit_recovers_step_costs(model, monkeypatch, max_step_tokens=1024)
+
+
+def test_profile_fit_recovers_step_costs_when_prompts_need_chunks(model, monkeypatch):
+    # 8 x 128 prompt tokens under a 256-token budget: four prefill steps, while
+    # the first sequences already decode.
+    assert_fit_recovers_step_costs(model, monkeypatch, max_step_tokens=256)
+
+
+def test_measured_profile_is_a_fit_carrying_the_models_kv_size(model):
+    # Real wall-clock timings on a shared machine: only what does not depend
+    # on how fast the steps ran is checked here.
     profile = measure_profile(
         model,
         EngineConfig(max_step_tokens=256),
@@ -185,11 +273,19 @@ def test_measured_profile_predicts_engine_steps(model):
         batch_sizes=(1, 8),
         context_tokens=(32, 128),
         num_decode_steps=3,
+        kv_capacity_tokens=4096,
+        kv_transfer_bytes_per_s=2e9,
+        name="tiny",
     )
-    assert profile.source == "fit"
-    assert profile.prefill_time_s(256) > profile.prefill_time_s(16) > 0
-    assert profile.decode_step_time_s(8 * 128, 8) > 0
-    assert profile.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4  # L, K/V, Hkv, Dh, fp32
+    c = model.config
+    bytes_per_value = torch.finfo(model.dtype).bits // 8
+    assert profile.source == "fit" and profile.name == "tiny"
+    assert profile.kv_bytes_per_token == (
+        2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * bytes_per_value
+    )
+    assert (profile.kv_capacity_tokens, profile.kv_transfer_bytes_per_s) == (4096, 2e9)
+    assert "prefill of [16, 64, 128, 256] tokens" in profile.notes
+    assert "decode of [1, 8] sequences x [32, 128] tokens" in profile.notes
 
 
 def test_prompt_filling_the_whole_context_gets_its_one_token(model):

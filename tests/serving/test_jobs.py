@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 import sys
 
 import pytest
@@ -21,14 +22,37 @@ def load_job(name: str):
     return module
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# Request k arrives at k/4 s with 200 + 37k prompt tokens and 20 + k output
+# tokens, except every tenth from the fifth on, which asks for one token only.
+def azure_output_tokens(k: int) -> int:
+    return 1 if k % 10 == 5 else 20 + k
+
+
 AZURE_ROWS = (
     "TIMESTAMP,ContextTokens,GeneratedTokens\n"
     + "".join(
-        f"2023-11-16 18:15:{10 + k // 4:02d}.{(k % 4) * 25:02d}00000,{200 + 37 * k},{20 + k}\n"
+        f"2023-11-16 18:15:{10 + k // 4:02d}.{(k % 4) * 25:02d}00000,"
+        f"{200 + 37 * k},{azure_output_tokens(k)}\n"
         for k in range(40)
     )
     + "2023-11-16 18:15:59.0000000,oops,3\n"
 )
+
+
+def met_both_slos(row: dict, ttft_slo_s: float, tpot_slo_s: float) -> bool:
+    """A report row met its SLOs: completed, first token within the TTFT target,
+    and the later tokens at most the TPOT target apart on average (a one-token
+    output has no later tokens, so only its TTFT counts)."""
+    if row["failed"] or row["finish_s"] is None:
+        return False
+    if row["output_tokens"] <= 1:
+        return row["ttft_s"] <= ttft_slo_s
+    first_token_s = row["arrival_s"] + row["ttft_s"]
+    tpot_s = (row["finish_s"] - first_token_s) / (row["output_tokens"] - 1)
+    return row["ttft_s"] <= ttft_slo_s and tpot_s <= tpot_slo_s
 
 
 def test_serve_trace_sim_writes_report_and_plot(tmp_path):
@@ -36,13 +60,17 @@ def test_serve_trace_sim_writes_report_and_plot(tmp_path):
     trace = tmp_path / "azure.csv"
     trace.write_text(AZURE_ROWS)
     out = tmp_path / "report.json"
+    # Targets that some requests meet and some miss (TTFT grows with the prompt,
+    # TPOT varies around 17 ms), so the attainment below is a real fraction.
+    ttft_slo_s, tpot_slo_s = 0.09, 0.0173
     code = job.run_job(
         job.ServeTraceConfig,
         job.run,
         [
             "--trace", str(trace), "--policy", "static", "--instances", "4",
             "--num-prefill", "3", "--mode", "sim", "--rate-scale", "2",
-            "--ttft-slo-s", "2", "--tpot-slo-s", "0.1", "--out", str(out),
+            "--ttft-slo-s", str(ttft_slo_s), "--tpot-slo-s", str(tpot_slo_s),
+            "--out", str(out),
         ],
     )  # fmt: skip
     assert code == 0
@@ -53,14 +81,47 @@ def test_serve_trace_sim_writes_report_and_plot(tmp_path):
         {"line": 42, "reason": "prompt length 'oops' is not a number"}
     ]
     assert report["num_reordered"] == 0
-    assert report["num_completed"] + report["num_failed"] == 40
+    # The simulated instances never fail, so every request completes.
+    assert (report["num_completed"], report["num_failed"]) == (40, 0)
     assert report["policy"] == "static 3P"
     assert report["num_role_flips"] == 0
-    assert len(report["requests"]) == 40
-    row = report["requests"][0]
-    assert row["prefill_instance"] in (0, 1, 2) and row["decode_instance"] == 3
-    assert 0 <= report["slo_attainment"] <= 1
-    assert out.with_suffix(".png").stat().st_size > 0
+
+    # The rows are the trace's requests, arriving twice as fast.
+    rows = report["requests"]
+    assert [
+        (r["request_id"], r["arrival_s"], r["prompt_tokens"], r["output_tokens"])
+        for r in rows
+    ] == [(k, k * 0.25 / 2, 200 + 37 * k, azure_output_tokens(k)) for k in range(40)]
+    for row in rows:
+        assert not row["failed"] and row["finish_s"] is not None
+        assert row["prefill_instance"] in (0, 1, 2)
+        if row["output_tokens"] == 1:
+            # Done at its first token: nothing to hand to the decode instance.
+            assert not row["handoff"]
+            assert row["tpot_s"] == 0.0
+        else:
+            assert row["handoff"] and row["decode_instance"] == 3
+            first_token_s = row["arrival_s"] + row["ttft_s"]
+            assert row["tpot_s"] == pytest.approx(
+                (row["finish_s"] - first_token_s) / (row["output_tokens"] - 1)
+            )
+    assert report["num_handoffs"] == sum(azure_output_tokens(k) > 1 for k in range(40))
+
+    # Attainment and percentiles recomputed from the rows.
+    met = [met_both_slos(r, ttft_slo_s, tpot_slo_s) for r in rows]
+    assert [r["met_slo"] for r in rows] == met
+    assert 0 < sum(met) < len(rows)
+    assert report["slo_attainment"] == pytest.approx(sum(met) / len(rows))
+    ttfts = [r["ttft_s"] for r in rows]
+    deciles = statistics.quantiles(ttfts, n=10, method="inclusive")
+    assert report["ttft_p50_s"] == pytest.approx(statistics.median(ttfts))
+    assert report["ttft_p90_s"] == pytest.approx(deciles[8])
+    tpots = [r["tpot_s"] for r in rows]
+    assert report["tpot_p50_s"] == pytest.approx(statistics.median(tpots))
+    assert report["tpot_p90_s"] == pytest.approx(
+        statistics.quantiles(tpots, n=10, method="inclusive")[8]
+    )
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG_SIGNATURE
 
 
 def test_serve_trace_rejects_bad_flags(tmp_path, capsys):
@@ -125,7 +186,7 @@ def test_bench_simulation_reports_goodput_per_policy(tmp_path):
     )
     assert report["headroom_ratio"] >= 1.0
     assert len(report["curves"]["arrow"]) == 2
-    assert out.with_suffix(".png").stat().st_size > 0
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG_SIGNATURE
 
 
 def test_bench_refuses_a_trace_arriving_all_at_once_before_any_work(tmp_path, capsys):

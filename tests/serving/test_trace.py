@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from datetime import datetime
 
@@ -234,17 +235,28 @@ def test_shifting_trace_alternates_mixes():
 
 
 def test_real_azure_trace_reads_cleanly():
-    trace = load_trace(shared_data("llm-traces/azure-2023-conv.csv"))
-    assert len(trace) == 19366
+    path = shared_data("llm-traces/azure-2023-conv.csv")
+    with path.open(newline="") as f:
+        stamps = [datetime.fromisoformat(row["TIMESTAMP"]) for row in csv.DictReader(f)]
+    trace = load_trace(path)
+    assert len(trace) == len(stamps)
     assert trace.num_malformed == 0
-    assert 3400 < trace.duration_s < 3600
+    # About an hour of arrivals (first to last, whichever order the rows are in).
+    expected_s = (max(stamps) - min(stamps)).total_seconds()
+    assert 3400 < expected_s < 3600
+    assert trace.duration_s == pytest.approx(expected_s, abs=1e-3)
 
 
 def test_real_mooncake_trace_reads_cleanly():
-    trace = load_trace(shared_data("llm-traces/mooncake-synthetic.jsonl"))
-    assert len(trace) == 3993
+    path = shared_data("llm-traces/mooncake-synthetic.jsonl")
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    trace = load_trace(path)
+    assert len(trace) == len(lines)
     assert trace.num_malformed == 0
-    assert trace.requests[0].prompt_tokens == 40160
+    first = json.loads(lines[0])
+    assert first["timestamp"] == min(json.loads(line)["timestamp"] for line in lines)
+    assert trace.requests[0].prompt_tokens == first["input_length"]
+    assert trace.requests[0].output_tokens == first["output_length"]
 
 
 AZURE_TWO = (

@@ -22,6 +22,10 @@ INTERVAL = 10
 STEP_DELAY_S = 0.08
 # Bounds of this test's own waits (the platform's are in its config).
 PHASE_TIMEOUT_S = 240.0
+# The platform's bounds on its own remote calls in these tests.
+START_TIMEOUT_S = 150.0
+POLL_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 20.0
 
 
 def start_platform(tmp_path, **overrides) -> SharingClient:
@@ -31,9 +35,9 @@ def start_platform(tmp_path, **overrides) -> SharingClient:
         poll_interval_s=0.2,
         heartbeat_interval_s=0.5,
         heartbeat_timeout_s=5.0,
-        start_timeout_s=150.0,
-        poll_timeout_s=10.0,
-        stop_timeout_s=20.0,
+        start_timeout_s=START_TIMEOUT_S,
+        poll_timeout_s=POLL_TIMEOUT_S,
+        stop_timeout_s=STOP_TIMEOUT_S,
     )
     settings.update(overrides)
     return SharingClient.start(**settings)
@@ -199,10 +203,18 @@ def test_six_workloads_survive_a_drain_and_a_kill(ray_cluster, add_provider, tmp
         == len(migrations)
     )
 
-    # Nothing waited longer than its stated bound.
-    assert status.waits
-    for wait in status.waits:
-        assert wait.max_s <= wait.bound_s + 1.0, wait
+    # Every kind of remote wait the migrations need was made under the bound
+    # configured for it, and none outlasted its bound. The 5 s of slack allow
+    # for the controller's event loop, on two cores shared with the cluster and
+    # six workloads, coming back late to a wait it has already cut off.
+    waits = {wait.what: wait for wait in status.waits}
+    assert {"runner start", "runner poll", "checkpoint-and-stop"} <= set(waits)
+    assert waits["runner start"].bound_s == START_TIMEOUT_S
+    assert waits["runner poll"].bound_s == POLL_TIMEOUT_S
+    # checkpoint-and-stop: the notice left (at most the stop timeout) + 2 s
+    assert 2.0 < waits["checkpoint-and-stop"].bound_s <= STOP_TIMEOUT_S + 2.0
+    for wait in waits.values():
+        assert wait.max_s <= wait.bound_s + 5.0, wait
     assert 0 < metrics["gpu_utilization"] <= 1.0
 
 
@@ -285,9 +297,11 @@ def test_bad_calls_fail_alone_and_an_owner_can_leave_at_once(
             client.cancel("t/nope")
         with pytest.raises(ConfigError, match="unknown workload 't/nope'"):
             client.result("t/nope")
+        # An empty list is answered at once, not at the end of its timeout (half
+        # of which is left as slack for a busy machine).
         t0 = time.monotonic()
-        assert client.wait([], timeout_s=30) == {}  # not every workload
-        assert time.monotonic() - t0 < 5
+        assert client.wait([], timeout_s=60) == {}  # not every workload
+        assert time.monotonic() - t0 < 30
         with pytest.raises(ConfigError, match="nan"):
             client.leave("lab-q", float("nan"))
         with pytest.raises(InvalidName, match="'../x'"):

@@ -82,7 +82,11 @@ def test_checkpoint_and_stop_commits_the_current_step(ray_cluster, tmp_path):
     )
     try:
         assert ray.get(runner.start.remote(), timeout=60)["resumed_step"] == 0
-        time.sleep(0.5)
+        # Stop once it has run a step, however slowly the machine runs it.
+        deadline = time.monotonic() + 30.0
+        while ray.get(runner.poll.remote(), timeout=10)["step"] < 1:
+            assert time.monotonic() < deadline, "the runner ran no step in 30 s"
+            time.sleep(0.05)
         answer = ray.get(runner.checkpoint_and_stop.remote(10.0), timeout=20)
     finally:
         ray.kill(runner)
