@@ -145,9 +145,10 @@ class CampusConfig(Config):
                 f"moe_mode must be ar, sd or sd-prefetch, got {self.moe_mode!r}"
             )
         unknown = sorted(set(self.systems) - set(SYSTEMS))
-        if unknown or not self.systems:
+        if unknown or not self.systems or len(set(self.systems)) < len(self.systems):
             raise ValueError(
-                f"systems must be a non-empty subset of {', '.join(SYSTEMS)}, got "
+                f"systems must be a non-empty subset of {', '.join(SYSTEMS)}, each "
+                "named once, got "
                 f"{self.systems!r}"
             )
         return self
@@ -393,11 +394,13 @@ def _secs(v: float | None) -> str:
 class Campus:
     """One campus run: pool, platform, tenants, departures."""
 
-    def __init__(self, cfg: CampusConfig) -> None:
+    def __init__(self, cfg: CampusConfig, started: float | None = None) -> None:
         from raysys.campus.report import Timeline
         from raysys.sharing.localpool import LocalPool
 
         self.cfg = cfg
+        # --timeout-s bounds the whole job, the cluster's start-up included.
+        self.deadline = (started or time.monotonic()) + cfg.timeout_s
         self.pool = LocalPool("campus")
         self.timeline = Timeline()
         self.client = None
@@ -413,6 +416,7 @@ class Campus:
         self.mode = self.pool.connect(
             providers=cfg.providers, gpus_per_provider=cfg.gpus_per_provider
         )
+        self.check_time("the pool's providers joined")
         missing = cfg.providers - len(self.pool.recorded_providers())
         if missing > 0 and not self.pool.own:
             names = [f"campus-{i}" for i in range(missing)]
@@ -433,7 +437,21 @@ class Campus:
             heartbeat_timeout_s=5.0,
             stop_timeout_s=min(30.0, cfg.drain_deadline_s),
         )
-        self.client.wait_for_providers(cfg.providers, timeout_s=180)
+        self.check_time("starting the sharing platform")
+        self.client.wait_for_providers(
+            cfg.providers, timeout_s=min(180.0, self.time_left_s())
+        )
+
+    def time_left_s(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def check_time(self, doing: str) -> None:
+        """Raise `RemoteTimeout` when --timeout-s ran out before ``doing``."""
+        if self.time_left_s() <= 0:
+            raise RemoteTimeout(
+                f"campus: --timeout-s {self.cfg.timeout_s:g} ran out before "
+                f"{doing}; give the job more time (the cluster's start-up counts)"
+            )
 
     def submit(self) -> None:
         from raysys.sharing import WorkloadSpec
@@ -446,7 +464,6 @@ class Campus:
     def run(self) -> Any:
         """Poll until every tenant ends, disrupting providers on the way."""
         cfg = self.cfg
-        deadline = time.monotonic() + cfg.timeout_s
         phase = "warming" if cfg.disrupt else "settled"
         drained: str | None = None
         bar = tqdm(desc="campus steps", unit="step", mininterval=2.0)
@@ -466,9 +483,10 @@ class Campus:
                     bar.set_postfix_str(line)
                 if all(w.state in ended for w in mine):
                     return status
-                if time.monotonic() > deadline:
+                if self.time_left_s() < 0:
                     raise RemoteTimeout(
-                        f"campus: tenants still running after {cfg.timeout_s:g} s: "
+                        f"campus: --timeout-s {cfg.timeout_s:g} ran out (start-up "
+                        "included) with tenants still running: "
                         + ", ".join(
                             f"{w.workload_id} ({w.state})"
                             for w in mine
@@ -635,7 +653,7 @@ def main(cfg: CampusConfig) -> Any:
         write_builtin_trace(cfg)
     if "nows" in cfg.systems and cfg.darcy is not None:
         write_darcy_subset(cfg)
-    campus = Campus(cfg)
+    campus = Campus(cfg, started)
     try:
         campus.start()
         campus.submit()

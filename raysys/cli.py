@@ -20,12 +20,14 @@ import logging
 import shlex
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from raysys.runtime import local_cluster
-from raysys.runtime.config import build_parser, validate_config
-from raysys.runtime.entry import setup_logging
+from raysys.runtime.config import load_config
+from raysys.runtime.entry import exit_on_sigterm, setup_logging
 from raysys.runtime.errors import ClusterError, ConfigError
 from raysys.runtime.ray_env import check_reachable, enable_token_auth
+from raysys.runtime.security import token_source
 from raysys.sharing import cli as sharing_cli
 
 logger = logging.getLogger(__name__)
@@ -36,14 +38,11 @@ STATUS_SECTIONS: list[Callable[[local_cluster.ClusterState | None], list[str]]] 
 
 
 def cmd_up(argv: Sequence[str]) -> int:
-    parser = build_parser(
-        local_cluster.LocalClusterConfig, "Start a local Ray cluster."
-    )
-    parser.prog = "raysys up"
-    ns = vars(parser.parse_args(argv))
-    ns.pop("config"), ns.pop("set")
-    cfg = validate_config(
-        local_cluster.LocalClusterConfig, {k: v for k, v in ns.items() if v is not None}
+    cfg = load_config(
+        local_cluster.LocalClusterConfig,
+        argv,
+        description="Start a local Ray cluster.",
+        prog="raysys up",
     )
     state = local_cluster.up(cfg)
     print(f"cluster {state.cluster_id} is up")
@@ -98,6 +97,56 @@ def describe_cluster(state: local_cluster.ClusterState | None) -> list[str]:
     return lines
 
 
+def require_token(what: str) -> None:
+    """Fail at once, naming where Ray looks, when token auth is on and no token
+    is here (Ray would fail with a traceback, `ray job submit` after uploading).
+
+    Raises:
+        ClusterError: no token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+            ~/.ray/auth_token.
+    """
+    if token_source() is None:
+        raise ClusterError(
+            f"{what} uses token authentication, but no Ray token is on this "
+            "machine (RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or "
+            "~/.ray/auth_token); restore the token the cluster was started with "
+            "(a new one is refused)"
+        )
+
+
+def connect_driver(address: str) -> None:
+    """``ray.init`` for a CLI command, keeping SIGTERM as a clean exit.
+
+    Connecting installs Ray's own SIGTERM handler (exit status 15 and a fatal
+    signal report); ours goes back so `raysys` ends with 143 through its
+    ``finally`` blocks.
+
+    Raises:
+        ClusterError: Ray refused the connection (a wrong token, say).
+    """
+    import ray
+
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as e:
+        raise ClusterError(f"could not connect to Ray at {address}: {e}") from e
+    finally:
+        exit_on_sigterm()
+
+
+def vanished_nodes(state: local_cluster.ClusterState | None) -> list[str]:
+    """Notes on recorded nodes of this machine's cluster none of whose processes
+    run: Ray still reports such a node alive until its heartbeats time out."""
+    if state is None or not Path("/proc").is_dir():
+        return []
+    return [
+        f"note: {node.name} is recorded but none of its processes runs (killed?); "
+        "Ray marks it dead once its heartbeats time out"
+        for node in state.nodes
+        if not local_cluster.marked_pids(local_cluster.NODE_MARKER, node.marker)
+    ]
+
+
 def cmd_status(argv: Sequence[str]) -> int:
     argparse.ArgumentParser(
         prog="raysys status", description="Describe the cluster."
@@ -110,13 +159,22 @@ def cmd_status(argv: Sequence[str]) -> int:
     address = os.environ.get("RAY_ADDRESS") or (state.gcs_address if state else None)
     if address is None:
         print("no cluster is running (start one with `raysys up`, or set RAY_ADDRESS)")
+        stale = local_cluster.read_state()
+        if stale is not None:
+            print(
+                f"the recorded cluster {stale.cluster_id} at {stale.gcs_address} no "
+                "longer answers; `raysys down` stops what is left of it"
+            )
         return 1
     if state is not None and state.auth:
+        require_token(f"the local cluster {state.cluster_id}")
         enable_token_auth()
     check_reachable(address)
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    connect_driver(address)
     try:
         for line in describe_cluster(state):
+            print(line)
+        for line in vanished_nodes(state):
             print(line)
         for section in STATUS_SECTIONS:
             print()
@@ -169,9 +227,11 @@ def cmd_submit(argv: Sequence[str]) -> int:
         runtime_env_file=ns.runtime_env,
         ray_args=ray_args,
     )
+    env = submit.submit_env(address)
+    if env.get("RAY_AUTH_MODE") == "token" and not ns.dry_run:
+        require_token(f"the job API at {address}")
     measure = submit.prepare_submission(ns.working_dir, ns.runtime_env)
     limit_bytes, _ = submit.upload_limit()
-    env = submit.submit_env(address)
     print(
         f"package: {measure.package_bytes / 1024**2:.2f} MiB in {measure.num_files} "
         f"files (Ray's upload limit {limit_bytes / 1024**2:.0f} MiB); "
@@ -294,11 +354,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return 0
     setup_logging("WARNING")
+    # SIGTERM ends a command as Ctrl-C does, through its cleanup (a half-started
+    # `raysys up` stops what it started).
+    exit_on_sigterm()
     try:
         return COMMANDS[argv[0]](argv[1:])
     except (ConfigError, ClusterError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
+    except KeyboardInterrupt:
+        print(f"raysys {argv[0]}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import os
 import tempfile
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -122,6 +122,66 @@ def check_plot_path(report: Path, plot: Path | None) -> Path:
 OutputFile = Annotated[Path, AfterValidator(check_output_file)]
 OutputDir = Annotated[Path, AfterValidator(check_output_dir)]
 
+# Set by Ray's job API in a submitted job's driver: its runtime_env, metadata.
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def runs_from_working_dir_copy(environ: dict[str, str] | None = None) -> bool:
+    """Whether this process is the driver of a job submitted with a working dir.
+
+    Such a driver runs in Ray's unpacked copy of the working dir, under the
+    cluster's temp dir: what it writes there is shared with every job of the
+    same package and deleted with the cluster (`raysys down`).
+    """
+    raw = (os.environ if environ is None else environ).get(RAY_JOB_CONFIG_ENV)
+    if not raw:
+        return False
+    try:
+        runtime_env = json.loads(raw).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return False
+    return bool(isinstance(runtime_env, dict) and runtime_env.get("working_dir"))
+
+
+def _is_output_type(annotation: Any) -> bool:
+    # OutputFile / OutputDir, alone or inside Optional[...].
+    if annotation in (OutputFile, OutputDir):
+        return True
+    return any(_is_output_type(a) for a in typing.get_args(annotation))
+
+
+def _has_output_check(metadata: list[Any]) -> bool:
+    # pydantic moves a bare Annotated field's validators into its metadata.
+    checks = (check_output_file, check_output_dir)
+    return any(getattr(m, "func", None) in checks for m in metadata)
+
+
+def refuse_relative_outputs(cfg: BaseModel) -> None:
+    """In a submitted job, refuse output paths relative to its working dir copy,
+    defaults included (a report written there would be lost with the cluster).
+
+    Raises:
+        ConfigError: naming each such field and its path.
+    """
+    if not runs_from_working_dir_copy():
+        return
+    bad = [
+        (name, value)
+        for name, field in type(cfg).model_fields.items()
+        if (_is_output_type(field.annotation) or _has_output_check(field.metadata))
+        and isinstance(value := getattr(cfg, name), Path)
+        and not value.is_absolute()
+    ]
+    if bad:
+        raise ConfigError(
+            "; ".join(
+                f"{flag_name(name)} {str(value)!r} is relative, and this submitted "
+                "job runs in Ray's temporary copy of its working dir, which is "
+                "deleted with the cluster: give an absolute path"
+                for name, value in bad
+            )
+        )
+
 
 def flag_name(field: str) -> str:
     """The command-line flag of a field: ``max_new_tokens`` -> ``--max-new-tokens``."""
@@ -132,8 +192,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON mapping from ``path``.
 
     Raises:
-        ConfigError: the file is missing, unreadable, or not a mapping.
+        ConfigError: the file is missing, unreadable, not a mapping, or gives
+            one key twice.
     """
+    if not str(path).strip():
+        raise ConfigError("--config '' names no file; pass a YAML or JSON file")
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"config file {str(path)!r} is a folder; pass a file")
@@ -149,7 +212,15 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             "pass a YAML or JSON file"
         ) from e
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = (
+            json.loads(text, object_pairs_hook=_json_mapping)
+            if path.suffix.lower() == ".json"
+            else _load_yaml(text)
+        )
+    except _DuplicateKey as e:
+        raise ConfigError(
+            f"config file {str(path)!r} gives {e.args[0]!r} twice; keep one"
+        ) from e
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise ConfigError(
             f"config file {str(path)!r} is not valid YAML/JSON: {e}"
@@ -164,6 +235,46 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+class _DuplicateKey(ValueError):
+    """A mapping in a config file gives one key twice (YAML and JSON would
+    silently keep the last)."""
+
+
+def _json_mapping(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise _DuplicateKey(key)
+        data[key] = value
+    return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that gives one key twice."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base`: keys given here may override the base's
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # the base class names an unhashable key itself
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    # yaml.safe_load with the duplicate-key check: a SafeLoader subclass.
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = data
@@ -172,6 +283,29 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"--set {dotted}: {key!r} is not a nested section")
     node[keys[-1]] = value
+
+
+def _check_set_path(cls: type[BaseModel], dotted: str) -> None:
+    """Refuse ``--set a.b=...`` where ``a`` is a list: a dotted key cannot index
+    one (it would become a mapping ``{"b": ...}`` and fail as "not a list")."""
+    model: Any = cls
+    keys = dotted.split(".")
+    for i, key in enumerate(keys[:-1]):
+        field = model.model_fields.get(key) if _is_model(model) else None
+        if field is None:
+            return  # unknown keys are named by validation
+        annotation = _unwrap_optional(field.annotation)
+        if typing.get_origin(annotation) in (list, tuple, set) or annotation in (
+            list,
+            tuple,
+            set,
+        ):
+            whole = ".".join(keys[: i + 1])
+            raise ConfigError(
+                f"--set {dotted}: {whole!r} is a list, which a dotted key cannot "
+                f"index; give the whole list, e.g. --set {whole}='[a, b]'"
+            )
+        model = annotation
 
 
 def _parse_set(item: str) -> tuple[str, Any]:
@@ -215,11 +349,11 @@ def _add_field_flag(parser: argparse.ArgumentParser, name: str, field: Any) -> N
 
 
 def build_parser(
-    cls: type[Config], description: str | None = None
+    cls: type[Config], description: str | None = None, *, prog: str | None = None
 ) -> argparse.ArgumentParser:
     """An argument parser with ``--config``, ``--set`` and one flag per field."""
     parser = argparse.ArgumentParser(
-        description=description or (cls.__doc__ or "").strip()
+        prog=prog, description=description or (cls.__doc__ or "").strip()
     )
     parser.add_argument("--config", help="YAML or JSON file with field values")
     parser.add_argument(
@@ -249,9 +383,9 @@ def format_validation_error(
         loc = ".".join(str(p) for p in item["loc"])
         top = str(item["loc"][0])
         field = cls.model_fields.get(top)
-        where = flag_name(loc) if "." not in loc else f"--set {loc}=..."
         got = item.get("input")
-        where = f" ({where})" if flags else ""
+        where = _where(cls, item["loc"], item["type"]) if flags else None
+        where = f" ({where})" if where else ""
         line = f"  {loc}{where}: {item['msg'].removeprefix('Value error, ')}"
         if item["type"] == "extra_forbidden":
             known = ", ".join(sorted(_section_fields(cls, item["loc"][:-1])))
@@ -264,6 +398,20 @@ def format_validation_error(
             line += f"; expected: {field.description}"
         lines.append(line)
     return "\n".join(lines)
+
+
+def _where(cls: type[BaseModel], loc: Sequence[Any], error_type: str) -> str | None:
+    # How to give the value on the command line: the field's own flag for a
+    # top-level field that has one, else --set; none for a key no field has.
+    if error_type == "extra_forbidden":
+        return None
+    field = cls.model_fields.get(str(loc[0]))
+    if field is None:
+        return None
+    dotted = ".".join(str(p) for p in loc)
+    if len(loc) == 1 and not _is_model(_unwrap_optional(field.annotation)):
+        return flag_name(dotted)
+    return f"--set {dotted}=..."
 
 
 def _section_fields(cls: type[BaseModel], loc: Sequence[Any]) -> list[str]:
@@ -294,20 +442,24 @@ def load_config(
     argv: Sequence[str] | None = None,
     *,
     description: str | None = None,
+    prog: str | None = None,
 ) -> C:
     """Build a validated config from defaults, ``--config FILE``, flags and ``--set``.
 
     Raises:
         ConfigError: a value is invalid; the message names the field and the fix.
     """
-    parser = build_parser(cls, description)
+    parser = build_parser(cls, description, prog=prog)
     namespace = vars(parser.parse_args(argv))
     data: dict[str, Any] = {}
     config_path = namespace.pop("config")
-    if config_path:
+    if config_path is not None:  # `--config ""` is a mistake, not "no file"
         data.update(read_config_file(config_path))
     for item in namespace.pop("set"):
         key, value = _parse_set(item)
+        _check_set_path(cls, key)
         _set_dotted(data, key, value)
     data.update({k: v for k, v in namespace.items() if v is not None})
-    return validate_config(cls, data)
+    cfg = validate_config(cls, data)
+    refuse_relative_outputs(cfg)
+    return cfg

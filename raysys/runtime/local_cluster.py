@@ -32,11 +32,11 @@ import time
 import uuid
 from pathlib import Path
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from raysys.runtime.config import Config
-from raysys.runtime.errors import ClusterError
-from raysys.runtime.security import warn_if_exposed
+from raysys.runtime.config import Config, _writable_place
+from raysys.runtime.errors import ClusterError, ConfigError
+from raysys.runtime.security import warn_if_exposed, warn_if_token_exposed
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,15 @@ class LocalClusterConfig(Config):
                 "must be an IP address such as 127.0.0.1 or 0.0.0.0"
             ) from e
         return value
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> LocalClusterConfig:
+        if self.port == self.dashboard_port:
+            raise ValueError(
+                f"--port and --dashboard-port are both {self.port}; the GCS and the "
+                "dashboard need a port each"
+            )
+        return self
 
 
 class NodeRecord(BaseModel):
@@ -136,6 +145,49 @@ def write_state(state: ClusterState) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(state.model_dump_json(indent=2))
     os.replace(tmp, path)
+
+
+def check_state_dir() -> Path:
+    """The state folder, checked before a cluster starts (its record goes there).
+
+    Raises:
+        ConfigError: it is a file, or cannot be created or written.
+    """
+    path = state_dir()
+    where = "RAYSYS_STATE_DIR" if "RAYSYS_STATE_DIR" in os.environ else "~/.raysys"
+    if path.exists() and not path.is_dir():
+        raise ConfigError(
+            f"the cluster state folder {str(path)!r} ({where}) is a file; point "
+            "RAYSYS_STATE_DIR at a folder"
+        )
+    try:
+        _writable_place(path, "the cluster state folder")
+    except ValueError as e:
+        raise ConfigError(f"{e} ({where}); point RAYSYS_STATE_DIR elsewhere") from e
+    return path
+
+
+def port_in_use(port: int) -> bool:
+    """Whether something on this machine listens on ``port`` (any interface)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return True
+    return False
+
+
+def _check_ports(cfg: LocalClusterConfig) -> None:
+    for port, flag, what in (
+        (cfg.port, "--port", "GCS"),
+        (cfg.dashboard_port, "--dashboard-port", "dashboard/job API"),
+    ):
+        if port_in_use(port):
+            raise ClusterError(
+                f"port {port} (the {what} port) is already in use on this machine, "
+                f"maybe by another Ray; pick a free one with {flag} PORT"
+            )
 
 
 def _port_open(address: str, timeout_s: float = 1.0) -> bool:
@@ -202,17 +254,29 @@ def _run_ray_start(args: list[str], env: dict[str, str], what: str) -> None:
 
 
 def ensure_auth_token() -> None:
-    """Create Ray's default token file (~/.ray/auth_token) if it does not exist."""
+    """Create Ray's default token file (~/.ray/auth_token) if it does not exist,
+    readable by its owner only.
+
+    Raises:
+        ClusterError: Ray could not generate the token.
+    """
     if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
         return
-    if (Path.home() / ".ray" / "auth_token").is_file():
+    path = Path.home() / ".ray" / "auth_token"
+    if path.is_file():
         return
-    subprocess.run(
+    proc = subprocess.run(
         [ray_executable(), "get-auth-token", "--generate"],
-        check=True,
         capture_output=True,
+        text=True,
         env={**os.environ, "RAY_AUTH_MODE": "token"},
     )
+    if proc.returncode != 0 or not path.is_file():
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-5:])
+        raise ClusterError(f"`ray get-auth-token --generate` failed:\n{tail}")
+    # Ray writes it with the umask's mode (world-readable under the usual 022):
+    # any other user of a shared machine could read it and run code.
+    path.chmod(0o600)
 
 
 def node_temp_dir(cluster_temp_dir: str, name: str) -> str:
@@ -276,17 +340,32 @@ def up(cfg: LocalClusterConfig) -> ClusterState:
     """Start a head and ``cfg.providers`` provider nodes; record the cluster.
 
     Raises:
-        ClusterError: a cluster is already running, or a node failed to start.
+        ConfigError: the state folder is unusable.
+        ClusterError: a cluster is already running, a port is taken, or a node
+            failed to start.
     """
-    existing = running_cluster()
-    if existing is not None:
+    check_state_dir()
+    recorded = read_state()
+    if recorded is not None and _port_open(recorded.gcs_address):
         raise ClusterError(
-            f"a local cluster is already running at {existing.gcs_address}; "
+            f"a local cluster is already running at {recorded.gcs_address}; "
             "run `raysys down` first"
         )
+    if recorded is not None:
+        # Its head is gone; what is left of it (providers, agents) would be
+        # forgotten once this cluster's record replaces it.
+        logger.warning(
+            "the recorded cluster %s at %s no longer answers; stopping what is "
+            "left of it",
+            recorded.cluster_id,
+            recorded.gcs_address,
+        )
+        down()
+    _check_ports(cfg)
     loopback = warn_if_exposed(cfg.dashboard_host, cfg.auth)
     if cfg.auth:
         ensure_auth_token()
+        warn_if_token_exposed()
     cluster_id = uuid.uuid4().hex[:12]
     # Ray records "the" cluster of a machine in <temp dir>/ray_current_cluster,
     # and a job's driver connects to whatever that file names: with the shared
@@ -344,10 +423,11 @@ def up(cfg: LocalClusterConfig) -> ClusterState:
             )
             state.nodes.append(record)
             write_state(state)
-    except Exception:
-        logger.error("cluster start failed; stopping what was started")
+    except BaseException:  # errors, Ctrl-C and SIGTERM alike
+        logger.error("cluster start failed or was interrupted; stopping what started")
         kill_marked(CLUSTER_MARKER, cluster_id)
-        state_path().unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            state_path().unlink(missing_ok=True)
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
     return state
@@ -366,7 +446,7 @@ def _url_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::") else host
 
 
-def _marked_pids(key: str, value: str) -> list[int]:
+def marked_pids(key: str, value: str) -> list[int]:
     """Pids whose environment holds ``key=value`` (Linux /proc)."""
     needle = f"{key}={value}".encode()
     pids = []
@@ -392,8 +472,8 @@ def kill_marked(key: str, value: str, grace_s: float = 5.0) -> int:
         raise ClusterError("stopping a single raysys cluster needs /proc (Linux)")
     left = 0
     for _ in range(3):
-        left = _kill_pids(_marked_pids(key, value), grace_s)
-        if not _marked_pids(key, value):
+        left = _kill_pids(marked_pids(key, value), grace_s)
+        if not marked_pids(key, value):
             return 0
     return left
 

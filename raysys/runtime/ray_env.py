@@ -62,7 +62,23 @@ def _read_runtime_env(path: Path) -> dict[str, Any]:
         raise ConfigError(
             f"{path}: expected a mapping with `excludes: [pattern, ...]`, got {env!r}"
         )
-    return env
+    from ray.runtime_env import RuntimeEnv
+
+    # Ray takes any other key for a plugin's and, with no such plugin, ignores
+    # it: a misspelt `env_var:` would silently set nothing.
+    # TODO: third-party runtime_env plugins (RAY_RUNTIME_ENV_PLUGINS on the
+    # cluster) are refused here too; there is no way to list them from a client.
+    unknown = sorted(str(k) for k in env if k not in RuntimeEnv.known_fields)
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown runtime_env field(s) {', '.join(unknown)}; Ray would "
+            f"ignore them. Known fields: {', '.join(sorted(RuntimeEnv.known_fields))}"
+        )
+    try:
+        RuntimeEnv(**env)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: invalid runtime_env: {e}") from e
+    return {**env, "excludes": excludes}
 
 
 def __getattr__(name: str) -> Any:

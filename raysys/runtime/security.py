@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -91,3 +92,31 @@ def warn_if_exposed(
             host,
         )
     return loopback
+
+
+def token_file_exposed(path: str | Path) -> bool:
+    """Whether a token file can be read by users other than its owner.
+
+    On a shared machine such a token lets every other account run code on the
+    cluster, which is what token authentication was turned on to prevent.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return bool(mode & (stat.S_IRWXG | stat.S_IRWXO))
+
+
+def warn_if_token_exposed(environ: Mapping[str, str] | None = None) -> None:
+    """Log a warning when the token file Ray would read is group/other readable."""
+    source = token_source(environ)
+    if source is None or source == "RAY_AUTH_TOKEN" or not token_file_exposed(source):
+        return
+    logger.warning(
+        "SECURITY WARNING: the Ray token file %s can be read by other users of "
+        "this machine (mode %o), and with it they can run code on the cluster; "
+        "run `chmod 600 %s`",
+        source,
+        stat.S_IMODE(os.stat(source).st_mode),
+        source,
+    )

@@ -7,12 +7,13 @@ import importlib.util
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from raysys.runtime.config import load_config
-from raysys.runtime.errors import ConfigError
+from raysys.runtime.errors import ConfigError, RemoteTimeout
 
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "campus.py"
 
@@ -172,3 +173,44 @@ def test_the_nows_own_job_solves_the_same_instances(campus, tmp_path, num_instan
         assert a.family == b.family == "darcy"
         assert np.array_equal(a.fields["a"], b.fields["a"])
     assert (job.solver, job.rtol) == ("cg", 1e-5)
+
+
+def test_a_system_named_twice_is_refused(campus, tmp_path):
+    # It ran once, silently.
+    with pytest.raises(ConfigError, match="each named once"):
+        load_config(
+            campus.CampusConfig,
+            ["--systems", "nows", "nows", "--out", str(tmp_path)],
+        )
+
+
+class _Stuck:
+    """A sharing client whose one tenant never ends."""
+
+    def __init__(self):
+        self.polls = 0
+
+    def status(self):
+        from types import SimpleNamespace
+
+        self.polls += 1
+        tenant = SimpleNamespace(
+            workload_id="w-1", name="nows", state="running", provider="p-0", step=1
+        )
+        return SimpleNamespace(at=0.0, workloads=[tenant], providers=[])
+
+
+def test_the_timeout_bounds_the_start_up_too(campus, tmp_path):
+    # The clock started only once the tenants ran: start-up (a cluster, the
+    # providers joining) came on top of --timeout-s.
+    cfg = load_config(
+        campus.CampusConfig,
+        ["--timeout-s", "5", "--no-disrupt", "--out", str(tmp_path)],
+    )
+    run = campus.Campus(cfg, started=time.monotonic() - 6)  # start-up took 6 s
+    run.client, run.wids = _Stuck(), {"nows": "w-1"}
+    with pytest.raises(RemoteTimeout, match="--timeout-s 5 ran out"):
+        run.run()
+    assert run.client.polls == 1
+    with pytest.raises(RemoteTimeout, match="before starting the sharing"):
+        run.check_time("starting the sharing platform")

@@ -124,10 +124,17 @@ def test_cluster_check_job_runs_on_every_provider(cluster, tmp_path):
     assert report["bundles"] == [{"CPU": 1.0, "GPU": 1.0}]
 
 
-def test_eight_gpus_on_a_one_gpu_cluster_fails_with_its_reason(cluster):
+def test_eight_gpus_on_a_one_gpu_cluster_fails_with_its_reason(cluster, tmp_path):
     env, address = cluster
     job_id, result = submit(
-        env, address, "python", "jobs/cluster_check.py", "--num-gpus", "8"
+        env,
+        address,
+        "python",
+        "jobs/cluster_check.py",
+        "--num-gpus",
+        "8",
+        "--out",
+        str(tmp_path / "check.json"),
     )
     assert result.returncode != 0
     assert job_api(env, address, job_id)["status"] == "FAILED"

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -145,3 +146,71 @@ def test_output_paths_are_checked_up_front(tmp_path):
         for value in values:
             with pytest.raises(ConfigError, match=flag):
                 load_config(Outputs, [flag, value])
+
+
+def test_an_empty_config_path_is_refused_not_ignored():
+    with pytest.raises(ConfigError, match="names no file"):
+        load_config(Sample, ["--config", ""])
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "key"),
+    [
+        ("cfg.yaml", "rtol: 0.1\nrtol: 0.2\n", "rtol"),
+        ("cfg.yaml", "nested:\n  depth: 2\n  depth: 3\n", "depth"),
+        ("cfg.json", '{"rtol": 0.1, "rtol": 0.2}', "rtol"),
+    ],
+)
+def test_a_key_given_twice_in_a_file_is_refused(tmp_path, name, text, key):
+    # YAML and JSON parsers keep the last value without a word.
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"gives '{key}' twice"):
+        load_config(Sample, ["--config", str(path)])
+
+
+def test_yaml_merge_keys_may_still_override_their_base(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("names: &n [a]\nnested:\n  <<: {depth: 2}\n  depth: 5\n")
+    assert load_config(Sample, ["--config", str(path)]).nested.depth == 5
+
+
+def test_set_cannot_index_a_list():
+    with pytest.raises(ConfigError, match="'names' is a list") as info:
+        load_config(Sample, ["--set", "names.0=x"])
+    assert "--set names=" in str(info.value)
+
+
+def test_errors_point_only_to_flags_that_exist():
+    # A nested section has no flag of its own; an unknown key none at all.
+    with pytest.raises(ConfigError) as info:
+        load_config(Sample, ["--set", "nested=3"])
+    assert "--set nested=..." in str(info.value)
+    assert "(--nested)" not in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(Sample, ["--set", "ключ=1"])
+    assert "ключ: Extra inputs" in str(info.value)
+    assert "--ключ" not in str(info.value)
+
+
+SUBMITTED = json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}})
+
+
+def test_a_submitted_job_refuses_relative_outputs_defaults_included(
+    monkeypatch, tmp_path
+):
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", SUBMITTED)
+    with pytest.raises(ConfigError, match="--out 'out/report.json' is relative"):
+        load_config(Outputs, ["--folder", str(tmp_path)])
+    with pytest.raises(ConfigError, match="--folder 'run' is relative"):
+        load_config(Outputs, ["--out", str(tmp_path / "r.json"), "--folder", "run"])
+    cfg = load_config(
+        Outputs, ["--out", str(tmp_path / "r.json"), "--folder", str(tmp_path)]
+    )
+    assert cfg.out.is_absolute()
+
+
+def test_relative_outputs_are_fine_outside_a_submitted_job(monkeypatch, tmp_path):
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert load_config(Outputs, []).out == Path("out/report.json")

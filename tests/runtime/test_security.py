@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import stat
 
 import pytest
+from support import free_port
 
 from raysys.runtime import local_cluster, security
 from raysys.runtime.errors import ClusterError
@@ -81,7 +83,13 @@ def test_raysys_up_warns_before_binding_everywhere_without_auth(
 
     monkeypatch.setenv("RAYSYS_STATE_DIR", str(tmp_path))
     monkeypatch.setattr(local_cluster, "_run_ray_start", refuse)
-    cfg = LocalClusterConfig(dashboard_host="0.0.0.0", auth=False, providers=0)
+    cfg = LocalClusterConfig(
+        dashboard_host="0.0.0.0",
+        auth=False,
+        providers=0,
+        port=free_port(),
+        dashboard_port=free_port(),
+    )
     with (
         caplog.at_level(logging.WARNING, logger="raysys.runtime.security"),
         pytest.raises(ClusterError),
@@ -104,7 +112,11 @@ def test_raysys_up_binds_the_dashboard_to_loopback_with_token(monkeypatch, tmp_p
     monkeypatch.setattr(local_cluster, "_run_ray_start", refuse)
     monkeypatch.setattr(local_cluster, "ensure_auth_token", lambda: None)
     with pytest.raises(ClusterError):
-        local_cluster.up(LocalClusterConfig(providers=0, port=16399))
+        local_cluster.up(
+            LocalClusterConfig(
+                providers=0, port=free_port(), dashboard_port=free_port()
+            )
+        )
     ((args, auth_mode),) = started
     assert "--dashboard-host=127.0.0.1" in args
     assert "--node-ip-address=127.0.0.1" in args
@@ -112,3 +124,30 @@ def test_raysys_up_binds_the_dashboard_to_loopback_with_token(monkeypatch, tmp_p
     # its own Ray temp dir, so a job's driver can only find this cluster
     (temp_dir,) = [a.split("=", 1)[1] for a in args if a.startswith("--temp-dir=")]
     assert "raysys-" in temp_dir and temp_dir != "/tmp/ray"
+
+
+def test_the_token_raysys_up_creates_is_for_its_owner_only(monkeypatch, tmp_path):
+    # `ray get-auth-token --generate` writes it with the umask's mode, 0644 under
+    # the usual umask: readable by every user of a shared machine.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    local_cluster.ensure_auth_token()
+    token = tmp_path / ".ray" / "auth_token"
+    assert token.read_text().strip()
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    assert not security.token_file_exposed(token)
+
+
+def test_a_token_file_others_can_read_is_warned_about(caplog, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("secret\n")
+    token.chmod(0o644)
+    env = {"RAY_AUTH_TOKEN_PATH": str(token), "HOME": str(tmp_path)}
+    with caplog.at_level(logging.WARNING, logger="raysys.runtime.security"):
+        security.warn_if_token_exposed(env)
+    assert "chmod 600" in caplog.text and str(token) in caplog.text
+    caplog.clear()
+    token.chmod(0o600)
+    security.warn_if_token_exposed(env)
+    assert caplog.text == ""

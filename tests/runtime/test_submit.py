@@ -192,3 +192,26 @@ def test_address_and_auth_defaults(monkeypatch):
     assert submit.submit_env("http://ray:8265")["RAY_AUTH_MODE"] == "token"
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # an explicit choice is kept
     assert submit.submit_env("http://ray:8265")["RAY_AUTH_MODE"] == "disabled"
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ("excludes: []\nenv_var: {A: b}\n", "unknown runtime_env field.* env_var"),
+        ("env_vars: {A: 1}\n", "invalid runtime_env.*env_vars"),
+    ],
+)
+def test_a_runtime_env_ray_would_ignore_or_refuse_is_named(tmp_path, text, complaint):
+    # Ray takes an unknown key for a plugin's and, with none, ignores it.
+    path = tmp_path / "env.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=complaint):
+        submit.prepare_submission(tmp_path, path)
+
+
+def test_a_runtime_env_without_excludes_ships_everything(tmp_path):
+    make_tree(tmp_path)
+    path = tmp_path / "env.yaml"
+    path.write_text("env_vars: {A: b}\n")
+    measure = submit.prepare_submission(tmp_path, path)
+    assert "data/big.bin" in dict(measure.files)
