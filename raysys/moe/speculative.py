@@ -78,6 +78,11 @@ def sample(probs: Tensor, generator: torch.Generator) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def uniform(generator: torch.Generator) -> float:
+    """One number drawn from U[0, 1): the acceptance test's coin."""
+    return float(torch.rand((), generator=generator))
+
+
 def residual_distribution(p: Tensor, q: Tensor) -> Tensor:
     """``norm(max(0, p - q))``: where the target has more mass than the draft.
 
@@ -122,12 +127,15 @@ def rejection_verify(
 
     Returns:
         (number accepted n, the next token: the correction or the bonus).
+
+    Its only randomness is one `uniform` per drafted token examined and one
+    `sample`, so its exact output distribution can be enumerated.
     """
     # Accept d_i with probability min(1, p_i(d_i) / q_i(d_i)); at the first
     # rejection emit a draw from norm(max(0, p_i - q_i)), else a bonus from p_{k+1}.
     for i, token in enumerate(drafted):
         p, q = float(target_probs[i, token]), float(draft_probs[i, token])
-        u = float(torch.rand((), generator=generator))
+        u = uniform(generator)
         if u * q >= p:  # u >= p / q without dividing by a tiny q
             return i, sample(
                 residual_distribution(target_probs[i], draft_probs[i]), generator

@@ -13,7 +13,9 @@ from raysys.models.llama import Llama, greedy_generate, tiny_llama_config
 from raysys.models.tokenizer import ByteTokenizer
 from raysys.moe.engine import PRETRAINED, MoEEngine, MoEEngineConfig
 from raysys.moe.host import ExpertFetchError
+from raysys.moe.policy import CutoffPolicy
 from raysys.moe.prompts import BUILTIN_PROMPTS
+from raysys.moe.speculative import SamplingParams, generate_speculative
 from raysys.runtime.errors import ConfigError
 
 TOKENIZER = ByteTokenizer()
@@ -113,7 +115,11 @@ def test_auto_cutoff_comes_from_the_measured_profile(engine):
     engine.set_mode("sd-prefetch", "auto")
     decision, profile = engine.decision, engine.profile
     assert 0 <= engine.cutoff <= engine.num_layers
-    assert len(decision.round_ms) == engine.num_layers + 1
+    # The decision is the policy's own on the measured profile, cutoff by cutoff.
+    policy = CutoffPolicy()
+    cutoffs = range(engine.num_layers + 1)
+    assert decision.round_ms == [policy.round_ms(profile, c) for c in cutoffs]
+    assert engine.cutoff == decision.cutoff == policy.decide(profile).cutoff
     assert decision.round_ms[engine.cutoff] <= min(decision.round_ms) * 1.01 + 1e-9
     assert profile.capacity == 8 and profile.fetch_ms > 0
     assert all(0 <= r <= 1 for r in profile.recall)
@@ -133,24 +139,44 @@ def test_killed_expert_host_is_replaced_mid_generation(engine, references):
 
     kill_on_fifth_pass.start = None
     engine.on_target_pass = kill_on_fifth_pass
+    before = list(engine.pool.num_replacements)
     try:
         report = engine.generate(BUILTIN_PROMPTS[:1], NUM_TOKENS)
     finally:
         engine.on_target_pass = None
         engine.resize_cache(8)
     assert report.outputs[0].token_ids == references[0]
-    assert report.num_host_restarts >= 1
+    # One kill, one replacement: the fetch that meets the dead host replaces it
+    # once, and the replacement serves every later fetch of its shard.
+    assert report.num_host_restarts == 1
+    assert engine.pool.num_replacements == [before[0] + 1, *before[1:]]
 
 
-def test_sampling_mode_runs_within_budget(ray_cluster, engine):
+def test_sampling_mode_samples_as_the_decoding_loop_does(engine, pair, references):
+    """Prompt i is sampled with seed + i, exactly as in-process with experts resident."""
+    draft, target = pair
+    target.set_expert_source(None)
     engine.config.temperature = 0.7
     try:
-        engine.set_mode("sd-prefetch", 2)
-        report = engine.generate(BUILTIN_PROMPTS[:1], 20)
+        engine.set_mode("sd-prefetch", 2, draft_length=4)
+        report = engine.generate(BUILTIN_PROMPTS[:2], 20)
     finally:
         engine.config.temperature = 0.0
-    assert report.outputs[0].num_tokens <= 20
     assert report.temperature == 0.7
+    for i, (prompt, out) in enumerate(
+        zip(BUILTIN_PROMPTS[:2], report.outputs, strict=True)
+    ):
+        params = SamplingParams(
+            max_new_tokens=20,
+            temperature=0.7,
+            stop_ids=engine.stop_ids(),
+            generator=torch.Generator().manual_seed(engine.config.seed + i),
+        )
+        trace = generate_speculative(
+            target, draft, TOKENIZER.encode(prompt), params, draft_length=4
+        )
+        assert out.token_ids == trace.tokens, i
+        assert out.token_ids != references[i][:20]  # sampled, not greedy
 
 
 def test_bad_configs_fail_with_the_fix(engine, tmp_path):
@@ -306,7 +332,7 @@ def test_layer_lru_resize_moves_the_slots_per_layer(ray_cluster):
         assert eng.fetcher.cache.layer_capacity == [2, 2, 1, 1]
 
 
-def test_a_store_of_another_model_is_refused_before_any_work(tmp_path):
+def test_a_store_of_another_model_is_refused_before_any_work(ray_cluster, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(PRETRAINED / "target", store)
     config = json.loads((store / "config.json").read_text())

@@ -28,16 +28,33 @@ class FakeHosts:
         self.delay_s = delay_s
         self.fail = fail or set()
         self.order: list[tuple[int, int]] = []
+        self.entered = threading.Event()  # a fetch has begun (before the gate)
         self.gate = threading.Event()
         self.gate.set()
 
     def fetch(self, key):
+        self.entered.set()
         self.gate.wait(5)
         self.order.append(key)
         time.sleep(self.delay_s)
         if key in self.fail:
             raise RuntimeError(f"host lost {key}")
         return FetchResult(expert(key), self.delay_s)
+
+
+def wait_until(condition, fetcher=None, timeout_s: float = 5.0) -> None:
+    """Poll ``condition`` (under the fetcher's lock if given) until it holds."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if fetcher is None:
+            if condition():
+                return
+        else:
+            with fetcher.lock:
+                if condition():
+                    return
+        assert time.monotonic() < deadline, f"not within {timeout_s} s"
+        time.sleep(0.005)
 
 
 @pytest.fixture
@@ -100,29 +117,37 @@ def test_demand_goes_before_queued_prefetches(make):
     hosts.gate.clear()  # hold the fetch thread
     fetcher, _ = make(capacity=8, hosts=hosts)
     fetcher.prefetch(3, [0, 1, 2])
+    assert hosts.entered.wait(5)  # the first prefetch is taken, held at the gate
     waiter = threading.Thread(target=fetcher.get_experts, args=(0, [7]))
-    time.sleep(0.05)
     waiter.start()
-    time.sleep(0.05)
+    wait_until(lambda: fetcher.stats.demand_by_layer[0] == 1, fetcher)
     hosts.gate.set()
     waiter.join(5)
+    assert not waiter.is_alive()
+    wait_until(lambda: len(hosts.order) == 4)  # the other prefetches follow
     # The first prefetch was already taken when the demand arrived; the demand
     # overtakes the rest.
-    assert hosts.order[:2] == [(3, 0), (0, 7)]
+    assert hosts.order == [(3, 0), (0, 7), (3, 1), (3, 2)]
 
 
 def test_prefetch_waits_for_room_and_stale_prefetches_are_dropped(make):
     fetcher, hosts = make(capacity=2)
     fetcher.get_experts(0, [0, 1])  # two pinned experts fill the cache
     fetcher.prefetch(1, [0])
+    # A negative can only be watched for a while: a slow fetch thread makes
+    # this check weaker, never failing.
     time.sleep(0.1)
     assert (1, 0) not in hosts.order  # no room: nothing evictable
     fetcher.get_experts(1, [0])  # the pass reaches layer 1: demand instead
-    fetcher.prefetch(3, [4])
-    fetcher.end_pass()  # queued prefetches of the finished pass are dropped
+    # Holding the lock, the fetch thread cannot take the prefetch before the
+    # pass ends (room is free now that layer 0 is unpinned).
+    with fetcher.lock:
+        fetcher.prefetch(3, [4])
+        fetcher.end_pass()  # queued prefetches of the finished pass are dropped
     stats, _ = fetcher.take_stats()
-    assert stats.num_prefetch_dropped >= 1
-    assert hosts.order.count((1, 0)) == 1
+    assert stats.num_prefetch_dropped == 2  # (1, 0) at layer 1, (3, 4) at the end
+    assert (stats.num_prefetch, stats.num_demand) == (0, 3)
+    assert hosts.order == [(0, 0), (0, 1), (1, 0)]  # nothing queued is left
 
 
 def test_layer_needing_more_than_capacity_gets_all_its_experts(make):
@@ -140,12 +165,20 @@ def test_failed_demand_fetch_raises_and_failed_prefetch_is_refetched(make):
     with pytest.raises(ExpertFetchError, match=r"\(0, 1\)"):
         fetcher.get_experts(0, [1])
     fetcher.end_pass()
+    fetcher.take_stats()
     hosts.fail = {(2, 2)}
     fetcher.prefetch(2, [2])
-    time.sleep(0.1)
+    # The prefetch ran and failed: its reserved slot is given up.
+    wait_until(
+        lambda: (2, 2) in hosts.order and fetcher.cache.get((2, 2)) is None, fetcher
+    )
     hosts.fail = set()
     got = fetcher.get_experts(2, [2])  # the failed prefetch is fetched on demand
     assert float(got[2].w1[0, 0]) == 22.0
+    assert hosts.order == [(0, 1), (2, 2), (2, 2)]
+    stats, _ = fetcher.take_stats()
+    # A failed prefetch moved nothing and is no error: one demand fetch.
+    assert (stats.num_prefetch, stats.num_demand, stats.bytes_fetched) == (0, 1, NBYTES)
 
 
 def test_wait_is_bounded(make):

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from raysys.models.llama import greedy_generate
+from raysys.models.tokenizer import ByteTokenizer
+from raysys.moe.engine import MoEEngineConfig, store_facts
 from raysys.runtime import ConfigError, load_config
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
@@ -23,7 +26,7 @@ def load_job(name: str):
 
 
 @pytest.mark.slow
-def test_generate_job_writes_the_report(ray_cluster, tmp_path):
+def test_generate_job_writes_the_report(ray_cluster, pair, tmp_path):
     job = load_job("moe_generate")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
@@ -68,6 +71,20 @@ def test_generate_job_writes_the_report(ray_cluster, tmp_path):
         '"""Sort a list of names.\n"""\n\n',
         '"""import os\n\n"""\n\n',
     ]
+    # Greedy decoding with experts fetched, prefetched and evicted is the
+    # target's own greedy decoding, experts resident.
+    _, target = pair
+    target.set_expert_source(None)
+    tokenizer = ByteTokenizer()
+    for out in report["outputs"]:
+        want = greedy_generate(target, tokenizer.encode(out["prompt"]), 12)
+        assert out["token_ids"] == want and out["num_tokens"] == len(want)
+    assert report["num_tokens"] == sum(o["num_tokens"] for o in report["outputs"])
+    # Every transfer moves one whole expert: the stored expert's bytes.
+    expert_bytes, _ = store_facts(MoEEngineConfig())
+    assert report["expert_bytes"] == expert_bytes
+    assert report["num_fetches"] > 0
+    assert report["bytes_fetched"] == report["num_fetches"] * expert_bytes
 
 
 @pytest.mark.slow

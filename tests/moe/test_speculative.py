@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from scipy.stats import chisquare
 
-from raysys.models.llama import greedy_generate
+from raysys.models.llama import Llama, greedy_generate, tiny_llama_config
+from raysys.models.mixtral import Mixtral, tiny_mixtral_config
 from raysys.models.tokenizer import ByteTokenizer
+from raysys.moe import speculative
 from raysys.moe.prompts import BUILTIN_PROMPTS
 from raysys.moe.speculative import (
     DecodeHooks,
@@ -84,34 +88,246 @@ def toy_generate(start: int, num_tokens: int, k: int, gen: torch.Generator):
     return out[:num_tokens]
 
 
+def chain_probs(start: int, num_tokens: int) -> torch.Tensor:
+    """``P(t_1 .. t_m)`` of the target's own chain from ``start``, ``(V,) * m``."""
+    probs = torch.ones(())
+    last = torch.tensor(start)
+    for _ in range(num_tokens):
+        # (V,) * i x (V,): extend every sequence by every next token.
+        probs = probs[..., None] * P_TABLE.double()[last]
+        last = torch.arange(V).reshape((1,) * (probs.dim() - 1) + (V,))
+    return probs
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_rejection_sampling_gives_the_target_distribution(k):
-    """Chi-square of the first two emitted tokens against the target's chain.
+    """Chi-square of the first four emitted tokens against the target's chain.
 
-    The second token comes from the same block or from the next round, so both
-    the acceptance rule and the hand-over between rounds are checked.
+    Later tokens come from the same block or from the next round, so the
+    acceptance rule, the correction, the bonus token after a fully accepted
+    block (token 4 when k = 3) and the hand-over between rounds are checked.
     """
     gen = torch.Generator().manual_seed(1234 + k)
-    num_samples = 8000
-    counts = torch.zeros(V, V, dtype=torch.float64)
+    num_samples, num_tokens = 8000, 4
+    counts = torch.zeros((V,) * num_tokens, dtype=torch.float64)
     for _ in range(num_samples):
-        a, b = toy_generate(start=0, num_tokens=2, k=k, gen=gen)
-        counts[a, b] += 1
-    expected = P_TABLE[0][:, None].double() * P_TABLE.double()  # (V, V)
-    observed = counts.reshape(-1).numpy()
-    exp = expected.reshape(-1).numpy() * num_samples
-    exp *= observed.sum() / exp.sum()
-    assert exp.min() >= 5  # the chi-square approximation holds
-    result = chisquare(observed, exp)
+        counts[tuple(toy_generate(start=0, num_tokens=num_tokens, k=k, gen=gen))] += 1
+    observed, expected = pooled(counts, chain_probs(0, num_tokens) * num_samples)
+    assert len(observed) > 100  # most sequences keep their own cell
+    result = chisquare(observed, expected)
     assert result.pvalue > 1e-3, result
 
 
-def test_first_token_distribution_is_exactly_the_targets():
-    """Exact: P(first emitted = t) summed over the draft's choice and acceptance."""
-    p, q = P_TABLE[3], Q_TABLE[3]
-    accept = torch.minimum(torch.ones(V), p / q)
-    first = q * accept + (q * (1 - accept)).sum() * residual_distribution(p, q)
-    torch.testing.assert_close(first, p)
+def pooled(observed: torch.Tensor, expected: torch.Tensor):
+    """Cells expecting fewer than 5 counts merged into one (chi-square's rule)."""
+    observed, expected = observed.reshape(-1), expected.reshape(-1)
+    small = expected < 5
+    obs = torch.cat([observed[~small], observed[small].sum()[None]]).numpy()
+    exp = torch.cat([expected[~small], expected[small].sum()[None]]).numpy()
+    return obs, exp * obs.sum() / exp.sum()
+
+
+class EnumeratedRandomness:
+    """Stands in for `rejection_verify`'s randomness to enumerate its outcomes.
+
+    ``uniform`` answers the scripted coins in turn; ``sample`` records the
+    distribution it was asked to draw from and answers token 0 (the caller
+    weighs every token by the recorded distribution instead).
+    """
+
+    def __init__(self, monkeypatch) -> None:
+        self.coins: list[float] = []
+        self.drawn_from: torch.Tensor | None = None
+        monkeypatch.setattr(speculative, "uniform", lambda gen: self.coins.pop(0))
+        monkeypatch.setattr(speculative, "sample", self._sample)
+
+    def _sample(self, probs, gen) -> int:
+        self.drawn_from = probs.double()
+        return 0
+
+    def run(self, coins, drafted, draft_probs, target_probs):
+        self.coins, self.drawn_from = list(coins), None
+        n, _ = rejection_verify(drafted, draft_probs, target_probs, None)
+        return n, self.drawn_from
+
+    def outcomes(self, drafted, draft_probs, target_probs):
+        """``[(n, P(n accepted), distribution of the next token)]`` of one call.
+
+        Every toy probability is positive, so a coin of 0 accepts. The chance
+        of accepting ``d_i`` is the share of coins in [0, 1) that accept it:
+        the rule accepts below a threshold, found here by bisection to 1e-12.
+        """
+        k = len(drafted)
+        args = (drafted, draft_probs, target_probs)
+        assert self.run([0.0] * k, *args)[0] == k
+        result, reach = [], 1.0  # reach: P(d_1 .. d_i all accepted)
+        for i in range(k):
+            low, high = 0.0, 1.0
+            if self.run([0.0] * i + [high] + [0.0] * (k - i - 1), *args)[0] > i:
+                low = high  # even a coin of 1 accepts: never rejected
+            while high - low > 1e-12:
+                mid = (low + high) / 2
+                coins = [0.0] * i + [mid] + [0.0] * (k - i - 1)
+                low, high = (mid, high) if self.run(coins, *args)[0] > i else (low, mid)
+            accept = low
+            if accept < 1.0:
+                n, correction = self.run([0.0] * i + [1.0], *args)
+                assert n == i
+                result.append((i, reach * (1 - accept), correction))
+            reach *= accept
+        n, bonus = self.run([0.0] * k, *args)
+        result.append((n, reach, bonus))
+        return result
+
+
+def exact_toy_probs(randomness, start: int, num_tokens: int, k: int):
+    """``P(t_1 .. t_m)`` of `toy_generate`, from `rejection_verify`'s own outcomes.
+
+    Sums over every drafted block (weighted by the draft's tables), every
+    outcome of the verification and every next token, then over the rounds
+    that follow a block shorter than what is left.
+    """
+    memo: dict[tuple[int, int], torch.Tensor] = {}
+
+    def probs(last: int, m: int) -> torch.Tensor:  # (V,) * m
+        if m == 0:
+            return torch.ones((), dtype=torch.float64)
+        if (last, m) in memo:
+            return memo[(last, m)]
+        total = torch.zeros((V,) * m, dtype=torch.float64)
+        for drafted in itertools.product(range(V), repeat=k):
+            rows = [last, *drafted]
+            q_rows = torch.stack([Q_TABLE[t] for t in rows[:-1]])  # (k, V)
+            p_rows = torch.stack([P_TABLE[t] for t in rows])  # (k+1, V)
+            drafted_p = float(
+                q_rows.double().gather(1, torch.tensor(drafted)[:, None]).prod()
+            )
+            for n, weight, next_probs in randomness.outcomes(
+                list(drafted), q_rows, p_rows
+            ):
+                for token in range(V):
+                    block = [*drafted[:n], token]
+                    w = drafted_p * weight * float(next_probs[token])
+                    if len(block) >= m:
+                        total[tuple(block[:m])] += w
+                    else:
+                        total[tuple(block)] += w * probs(token, m - len(block))
+        memo[(last, m)] = total
+        return total
+
+    return probs(start, num_tokens)
+
+
+# The tables are float32 and so is the residual's normalisation: the exact sums
+# agree with the chain to a few 1e-9.
+
+
+def test_first_token_distribution_is_exactly_the_targets(monkeypatch):
+    """Exact, from `rejection_verify` itself: draft choice, acceptance, correction."""
+    randomness = EnumeratedRandomness(monkeypatch)
+    for start in range(V):
+        first = exact_toy_probs(randomness, start, num_tokens=1, k=1)
+        torch.testing.assert_close(first, P_TABLE[start].double(), atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_emitted_tokens_are_exactly_the_targets_chain(monkeypatch, k):
+    """Exact joint of k + 2 tokens: a full block, its bonus, and the next round."""
+    randomness = EnumeratedRandomness(monkeypatch)
+    got = exact_toy_probs(randomness, 0, num_tokens=k + 2, k=k)
+    torch.testing.assert_close(got, chain_probs(0, k + 2), atol=1e-7, rtol=0)
+
+
+# ------------------------------------------------- with a tiny random pair
+
+SMALL_V = 6
+TINY = {
+    "vocab_size": SMALL_V,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 32,
+    "bos_token_id": None,
+    "eos_token_id": None,
+    "pad_token_id": None,
+}
+TINY_PROMPT = [0, 3, 1]
+# A draft distribution recorded at temperature 1 instead of T moves the output
+# by a chi-square non-centrality of about 0.005 per sample at T = 0.8 (some ten
+# thousand samples to show it) and about 0.06 at T = 0.5, where 1500 samples
+# show it with p near 1e-12.
+SAMPLING_TEMPERATURE = 0.5
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    """A random Mixtral target and Llama draft over 6 tokens.
+
+    The target's head is scaled down and the draft's up: the draft is sharper
+    than the target and prefers other tokens, so many drafts are rejected and
+    both the acceptance ratio and the correction shape the output.
+    """
+    target = Mixtral(tiny_mixtral_config(**TINY))
+    target.init_weights(seed=1, std=0.2)
+    draft = Llama(tiny_llama_config(**TINY))
+    draft.init_weights(seed=2, std=0.2)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(0.5)
+        draft.lm_head.weight.mul_(1.5)
+    return draft, target
+
+
+def exact_target_probs(target, prompt, num_tokens, temperature):
+    """``P(t_1 .. t_m)`` of the target sampling alone, ``(V,) * m``.
+
+    One cache-free forward over every continuation gives each token's
+    conditional distribution: ``softmax(logits / T)`` after ``prompt + t_<i``.
+    """
+    tails = torch.tensor(list(itertools.product(range(SMALL_V), repeat=num_tokens)))
+    ids = torch.cat([torch.tensor(prompt).expand(len(tails), -1), tails], 1)
+    with torch.no_grad():
+        logits = target(ids[:, :-1])[:, len(prompt) - 1 :].double()  # (N, m, V)
+    conditional = torch.softmax(logits / temperature, dim=-1)
+    probs = conditional.gather(2, tails[:, :, None])[..., 0].prod(1)  # (N,)
+    return probs.reshape((SMALL_V,) * num_tokens)
+
+
+@pytest.mark.parametrize("draft_length", [1, 3])
+def test_sampled_speculative_tokens_follow_the_targets_distribution(
+    tiny_pair, draft_length
+):
+    """Chi-square of every pair of consecutive tokens against the exact target.
+
+    The budget is one token from the prefill, one full round of ``draft_length``
+    drafted tokens and its bonus, so every drafted position, the corrections,
+    the bonus and (after a rejection) the rounds that follow are sampled. Each
+    seed is one sequence; the seeds are fixed, so the test is deterministic.
+    """
+    draft, target = tiny_pair
+    num_tokens, num_samples = draft_length + 2, 1500
+    counts = torch.zeros((SMALL_V,) * num_tokens, dtype=torch.float64)
+    for seed in range(num_samples):
+        params = SamplingParams(
+            max_new_tokens=num_tokens,
+            temperature=SAMPLING_TEMPERATURE,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        trace = generate_speculative(
+            target, draft, TINY_PROMPT, params, draft_length=draft_length
+        )
+        counts[tuple(trace.tokens)] += 1
+    want = exact_target_probs(target, TINY_PROMPT, num_tokens, SAMPLING_TEMPERATURE)
+    for i in range(num_tokens - 1):
+        others = tuple(a for a in range(num_tokens) if a not in (i, i + 1))
+        observed, expected = pooled(
+            counts.sum(dim=others), want.sum(dim=others) * num_samples
+        )
+        assert len(observed) > SMALL_V**2 // 2  # most cells keep their own count
+        result = chisquare(observed, expected)
+        # One test per pair: the level is shared among them.
+        assert result.pvalue > 1e-3 / (num_tokens - 1), (i, result)
 
 
 # --------------------------------------------------------- with the real pair
