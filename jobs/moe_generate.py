@@ -19,7 +19,7 @@ from pydantic import Field
 
 from raysys.moe.engine import MoEEngine, MoEEngineConfig
 from raysys.moe.prompts import DEFAULT_TEMPLATE, read_prompts
-from raysys.runtime import run_job
+from raysys.runtime import RaysysError, run_job
 from raysys.runtime.config import OutputFile
 
 logger = logging.getLogger("moe_generate")
@@ -58,6 +58,13 @@ def main(cfg: GenerateConfig) -> None:
         f"{report.bytes_fetched / 1e6:.1f} MB fetched"
     )
     print(f"report: {path}")
+    if report.failed_prompts:
+        raise RaysysError(
+            f"{len(report.failed_prompts)} of "
+            f"{len(report.failed_prompts) + report.num_prompts} prompts failed "
+            f"(first: prompt {report.failed_prompts[0].index}: "
+            f"{report.failed_prompts[0].error}); the report holds the others"
+        )
 
 
 def _fmt(value: float | None, spec: str, unit: str = "") -> str:

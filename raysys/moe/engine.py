@@ -42,11 +42,11 @@ from raysys.models.mixtral import Mixtral
 from raysys.models.tokenizer import ByteTokenizer
 from raysys.moe.cache import CacheStats, EvictionPolicy, ExpertCache
 from raysys.moe.fetcher import ExpertFetcher, FetchStats, TransferLink
-from raysys.moe.host import ExpertHostPool
+from raysys.moe.host import ExpertFetchError, ExpertHostPool
 from raysys.moe.policy import CutoffDecision, CutoffPolicy, RoundProfile
 from raysys.moe.predictor import ExpertPredictor, LayerScore, PredictionScore
 from raysys.moe.prompts import BUILTIN_PROMPTS
-from raysys.moe.reports import GenerationReport, SequenceOutput
+from raysys.moe.reports import FailedPrompt, GenerationReport, SequenceOutput
 from raysys.moe.speculative import (
     DecodeHooks,
     GenerationTrace,
@@ -595,13 +595,26 @@ class MoEEngine:
                     f"UTF-8 cannot encode ({e.reason})"
                 ) from e
         restarts = sum(self.pool.num_replacements)
-        runs = [
-            self.run_sequence(p, max_new_tokens, seed=self.config.seed + i)
-            for i, p in enumerate(prompts)
-        ]
-        return self.report(
+        runs, failed = [], []
+        for i, p in enumerate(prompts):
+            # A fetch that fails for good (its host cannot be brought back)
+            # fails this prompt alone; the finished ones are kept.
+            try:
+                runs.append(
+                    self.run_sequence(p, max_new_tokens, seed=self.config.seed + i)
+                )
+            except ExpertFetchError as e:
+                logger.warning("prompt %d failed: %s", i, e)
+                failed.append(FailedPrompt(index=i, prompt=p, error=str(e)))
+        if not runs:  # nothing to report
+            raise ExpertFetchError(
+                f"all {len(prompts)} prompt(s) failed; the first: {failed[0].error}"
+            )
+        report = self.report(
             runs, max_new_tokens, sum(self.pool.num_replacements) - restarts
         )
+        report.failed_prompts = failed
+        return report
 
     def _check_ids(self, prompt: Sequence[int]) -> list[int]:
         """The prompt's token ids as plain ints, each checked against the vocabulary.

@@ -26,6 +26,16 @@ class SequenceOutput(BaseModel):
     )
 
 
+class FailedPrompt(BaseModel):
+    """A prompt whose generation failed (an expert that could not be fetched)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: int = Field(description="position among the prompts")
+    prompt: str = Field(description="the prompt as given")
+    error: str = Field(description="why it failed")
+
+
 class GenerationReport(Report):
     """Speed, acceptance, prediction and caching of one engine mode over prompts."""
 
@@ -113,4 +123,8 @@ class GenerationReport(Report):
     )
     num_hosts: int = Field(description="expert host actors")
     num_host_restarts: int = Field(description="hosts replaced during the run")
-    outputs: list[SequenceOutput] = Field(description="per prompt")
+    outputs: list[SequenceOutput] = Field(description="per prompt that finished")
+    failed_prompts: list[FailedPrompt] = Field(
+        default_factory=list,
+        description="prompts that failed; the others are reported without them",
+    )

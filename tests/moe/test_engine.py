@@ -322,6 +322,31 @@ def test_a_failed_pass_releases_its_pins(engine, references):
     assert report.outputs[0].token_ids == references[0]
 
 
+def test_a_prompt_whose_experts_cannot_be_fetched_fails_alone(engine, references):
+    engine.set_mode("sd", draft_length=4)
+    fetch = engine.fetcher._fetch
+    calls = []
+
+    def down_for_the_first_prompt(key):
+        calls.append(key)
+        if len(calls) == 5:  # one failure, during the first prompt
+            raise RuntimeError(f"link down for {key}")
+        return fetch(key)
+
+    engine.fetcher._fetch = down_for_the_first_prompt
+    try:
+        report = engine.generate(BUILTIN_PROMPTS[:2], NUM_TOKENS)
+    finally:
+        engine.fetcher._fetch = fetch
+    (failed,) = report.failed_prompts
+    assert (failed.index, failed.prompt) == (0, BUILTIN_PROMPTS[0])
+    assert "link down" in failed.error
+    # the second prompt is served and reported as if alone
+    assert report.num_prompts == 1
+    assert [o.prompt for o in report.outputs] == [BUILTIN_PROMPTS[1]]
+    assert report.outputs[0].token_ids == references[1]
+
+
 def test_layer_lru_resize_moves_the_slots_per_layer(ray_cluster):
     config = MoEEngineConfig(mode="ar", cache_experts=4, cache_policy="layer-lru")
     with MoEEngine(config) as eng:
