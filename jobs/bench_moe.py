@@ -29,7 +29,7 @@ from raysys.moe.engine import (
     store_facts,
 )
 from raysys.moe.prompts import DEFAULT_TEMPLATE, read_prompts
-from raysys.moe.reports import GenerationReport
+from raysys.moe.reports import GenerationReport, fmt_figure
 from raysys.runtime import ConfigError, Report, run_job
 from raysys.runtime.config import OutputFile
 
@@ -239,12 +239,6 @@ def main(cfg: BenchConfig) -> BenchReport:
     return bench
 
 
-def _fmt(value: float | None, spec: str, unit: str = "") -> str:
-    # None where a figure has no value (TPOT when every output is one token,
-    # the acceptance of ar): printed as n/a.
-    return "n/a" if value is None else f"{value:{spec}}{unit}"
-
-
 def _print(bench: BenchReport, out: Path) -> None:
     print(
         f"cache {bench.cache_experts} of {bench.num_experts_total} experts "
@@ -254,25 +248,25 @@ def _print(bench: BenchReport, out: Path) -> None:
     )
     for mode, summary in bench.modes.items():
         print(
-            f"  {mode:<12} TPOT {_fmt(summary.tpot_ms, '7.2f', ' ms')}  acceptance "
-            f"{_fmt(summary.acceptance_rate, '.3f')}"
-            f"  cache hits {_fmt(summary.cache_hit_rate, '.3f')}  stall "
-            f"{_fmt(summary.stall_ms_per_token, '.2f', ' ms/token')}  experts/pass "
-            f"{_fmt(summary.experts_per_pass, '.1f')}  link floor "
-            f"{_fmt(summary.link_floor_ms_per_token, '.2f', ' ms/token')}"
+            f"  {mode:<12} TPOT {fmt_figure(summary.tpot_ms, '7.2f', ' ms')}  acceptance "
+            f"{fmt_figure(summary.acceptance_rate, '.3f')}"
+            f"  cache hits {fmt_figure(summary.cache_hit_rate, '.3f')}  stall "
+            f"{fmt_figure(summary.stall_ms_per_token, '.2f', ' ms/token')}  experts/pass "
+            f"{fmt_figure(summary.experts_per_pass, '.1f')}  link floor "
+            f"{fmt_figure(summary.link_floor_ms_per_token, '.2f', ' ms/token')}"
         )
     print(
-        f"sd-prefetch (cutoff {bench.cutoff}) is {_fmt(bench.speedup_vs_sd, '.2f', 'x')} "
-        f"faster per token than sd and {_fmt(bench.speedup_vs_ar, '.2f', 'x')} faster "
-        f"than ar; prefetch recall {_fmt(bench.prefetch_recall, '.3f')}"
+        f"sd-prefetch (cutoff {bench.cutoff}) is {fmt_figure(bench.speedup_vs_sd, '.2f', 'x')} "
+        f"faster per token than sd and {fmt_figure(bench.speedup_vs_ar, '.2f', 'x')} faster "
+        f"than ar; prefetch recall {fmt_figure(bench.prefetch_recall, '.3f')}"
     )
     print(
-        f"median per-prompt speedups: {_fmt(bench.speedup_vs_sd_median, '.2f', 'x')} "
-        f"vs sd, {_fmt(bench.speedup_vs_ar_median, '.2f', 'x')} vs ar"
+        f"median per-prompt speedups: {fmt_figure(bench.speedup_vs_sd_median, '.2f', 'x')} "
+        f"vs sd, {fmt_figure(bench.speedup_vs_ar_median, '.2f', 'x')} vs ar"
     )
     if bench.sweep_tpot_ms:
         row = ", ".join(
-            f"{c}: {_fmt(t, '.2f')}" for c, t in bench.sweep_tpot_ms.items()
+            f"{c}: {fmt_figure(t, '.2f')}" for c, t in bench.sweep_tpot_ms.items()
         )
         print(f"TPOT (ms) by cutoff: {row}")
     print(f"greedy outputs identical in every run: {bench.outputs_identical}")

@@ -19,6 +19,7 @@ from pydantic import Field
 
 from raysys.moe.engine import MoEEngine, MoEEngineConfig
 from raysys.moe.prompts import DEFAULT_TEMPLATE, read_prompts
+from raysys.moe.reports import fmt_figure
 from raysys.runtime import RaysysError, run_job
 from raysys.runtime.config import OutputFile
 
@@ -50,11 +51,11 @@ def main(cfg: GenerateConfig) -> None:
     path = report.write(Path(cfg.out))
     print(
         f"{report.mode}: {report.num_tokens} tokens over {report.num_prompts} prompts, "
-        f"TPOT {_fmt(report.tpot_ms, '.2f', ' ms')}, "
+        f"TPOT {fmt_figure(report.tpot_ms, '.2f', ' ms')}, "
         f"{report.tokens_per_s:.1f} tokens/s, "
-        f"acceptance {_fmt(report.acceptance_rate, '.3f')}, cutoff {report.cutoff}, "
-        f"prefetch recall {_fmt(report.prefetch_recall, '.3f')}, "
-        f"cache hits {_fmt(report.cache_hit_rate, '.3f')}, "
+        f"acceptance {fmt_figure(report.acceptance_rate, '.3f')}, cutoff {report.cutoff}, "
+        f"prefetch recall {fmt_figure(report.prefetch_recall, '.3f')}, "
+        f"cache hits {fmt_figure(report.cache_hit_rate, '.3f')}, "
         f"{report.bytes_fetched / 1e6:.1f} MB fetched"
     )
     print(f"report: {path}")
@@ -65,12 +66,6 @@ def main(cfg: GenerateConfig) -> None:
             f"(first: prompt {report.failed_prompts[0].index}: "
             f"{report.failed_prompts[0].error}); the report holds the others"
         )
-
-
-def _fmt(value: float | None, spec: str, unit: str = "") -> str:
-    # None where a figure has no value (TPOT of one-token outputs, the
-    # acceptance of ar): printed as n/a.
-    return "n/a" if value is None else f"{value:{spec}}{unit}"
 
 
 if __name__ == "__main__":

@@ -75,8 +75,18 @@ class TrainConfig(Config):
         # trained, so a bad top-k would otherwise surface minutes in.
         if self.top_k > self.num_experts:
             raise ValueError(
-                f"top_k {self.top_k} is more than num_experts {self.num_experts}; "
-                f"give at most {self.num_experts}"
+                f"--top-k {self.top_k} is more than --num-experts "
+                f"{self.num_experts}; give at most {self.num_experts}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"--hidden-size {self.hidden_size} is not divisible by --num-heads "
+                f"{self.num_heads}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"--num-heads {self.num_heads} is not a multiple of --num-kv-heads "
+                f"{self.num_kv_heads}"
             )
         try:
             model_config(self)

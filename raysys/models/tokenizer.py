@@ -7,7 +7,9 @@ decoding the ids of an encoded text gives that text back.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
+from typing import Any
 
 NUM_BYTE_TOKENS = 256
 BOS_ID = 256
@@ -59,3 +61,40 @@ class ByteTokenizer:
     def special_name(token: int) -> str:
         """The printable name of a special token id (``<bos>``, ``<eos>``, ``<pad>``)."""
         return {BOS_ID: "<bos>", EOS_ID: "<eos>", PAD_ID: "<pad>"}[token]
+
+
+def check_token_ids(prompt: Any, vocab_size: int) -> list[int]:
+    """``prompt`` as a list of plain ints, each a token id in ``[0, vocab_size)``.
+
+    Lists, tuples, numpy arrays and torch tensors of integers are accepted (ids
+    that came through Ray may be numpy integers). A token outside the
+    vocabulary would fail the embedding lookup of the whole batched step it
+    runs in, so callers check prompts before they reach a model.
+
+    Raises:
+        ValueError: the prompt is text, a single number, empty, or names its
+            first bad token and that token's position.
+    """
+    if isinstance(prompt, str | bytes):
+        raise ValueError(f"the prompt is a {type(prompt).__name__}; give token ids")
+    # Arrays and tensors give plain ints this way (a 0-d one gives one number).
+    tokens = prompt.tolist() if hasattr(prompt, "tolist") else prompt
+    try:
+        tokens = list(tokens)
+    except TypeError:
+        raise ValueError(
+            f"the prompt is {tokens!r}, not a sequence of token ids"
+        ) from None
+    if not tokens:
+        raise ValueError("the prompt is empty; give at least one token id")
+    for position, token in enumerate(tokens):
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+            raise ValueError(
+                f"prompt token {position} is {token!r}, not a whole number token id"
+            )
+        if not 0 <= token < vocab_size:
+            raise ValueError(
+                f"prompt token {position} is {int(token)}, outside the model's "
+                f"vocabulary [0, {vocab_size})"
+            )
+    return [int(t) for t in tokens]

@@ -39,7 +39,7 @@ from pydantic import Field, field_validator, model_validator
 from raysys.models.hf import load_model
 from raysys.models.llama import DTYPES, Transformer
 from raysys.models.mixtral import Mixtral
-from raysys.models.tokenizer import ByteTokenizer
+from raysys.models.tokenizer import ByteTokenizer, check_token_ids
 from raysys.moe.cache import CacheStats, EvictionPolicy, ExpertCache
 from raysys.moe.fetcher import ExpertFetcher, FetchStats, TransferLink
 from raysys.moe.host import ExpertFetchError, ExpertHostPool
@@ -622,25 +622,10 @@ class MoEEngine:
         Numpy and torch integers (an array's elements, ids that came through
         Ray) are token ids like ints.
         """
-        # Arrays and tensors give plain ints this way.
-        ids = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)
-        if not ids:
-            raise ConfigError("the prompt has no tokens; give at least one token id")
-        vocab = self.target.config.vocab_size
-        bad = [
-            (i, t)
-            for i, t in enumerate(ids)
-            if not isinstance(t, numbers.Integral)
-            or isinstance(t, bool)
-            or not 0 <= t < vocab
-        ]
-        if bad:
-            i, t = bad[0]
-            raise ConfigError(
-                f"prompt token {i} is {t!r}, not a token id in [0, {vocab}) of the "
-                f"target's vocabulary ({len(bad)} such)"
-            )
-        return [int(t) for t in ids]
+        try:
+            return check_token_ids(prompt, self.target.config.vocab_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def _check_budget(self, max_new_tokens: int) -> None:
         if max_new_tokens < 1:

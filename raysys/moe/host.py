@@ -29,7 +29,7 @@ import torch
 
 from raysys.models.mixtral import ExpertWeights, MixtralConfig
 from raysys.moe.store import ExpertCheckpointStore
-from raysys.runtime.errors import RaysysError, RemoteTimeout
+from raysys.runtime.errors import RaysysError, RemoteTimeout, last_line
 from raysys.runtime.ray_env import bounded_get
 
 logger = logging.getLogger(__name__)
@@ -104,12 +104,6 @@ class ExpertHost:
         }
 
 
-def _last_line(error: BaseException) -> str:
-    """The last non-empty line of an error's text (a remote traceback's exception)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
-
-
 @dataclass
 class FetchResult:
     """One fetched expert with the time the Ray get took."""
@@ -162,7 +156,7 @@ class ExpertHostPool:
                 self.close()
                 raise ExpertFetchError(
                     f"expert host {h} of {num_hosts} did not start (loading its "
-                    f"shard from {store_uri}): {type(e).__name__}: {_last_line(e)}"
+                    f"shard from {store_uri}): {type(e).__name__}: {last_line(e)}"
                 ) from e
         logger.info(
             "started %d expert hosts over %d experts from %s",
@@ -253,7 +247,7 @@ class ExpertHostPool:
                         raise ExpertFetchError(
                             f"expert {key}: the replacement of host {host_idx} could "
                             f"not load its shard from {self.store_uri}: "
-                            f"{_last_line(dead)}"
+                            f"{last_line(dead)}"
                         ) from dead
                     # It died while starting: the next get replaces it again.
                 continue

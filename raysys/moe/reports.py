@@ -128,3 +128,9 @@ class GenerationReport(Report):
         default_factory=list,
         description="prompts that failed; the others are reported without them",
     )
+
+
+def fmt_figure(value: float | None, spec: str, unit: str = "") -> str:
+    """A report figure for printing; ``None`` (TPOT when every output is one
+    token, the acceptance of ar) prints as n/a."""
+    return "n/a" if value is None else f"{value:{spec}}{unit}"

@@ -123,6 +123,8 @@ OutputFile = Annotated[Path, AfterValidator(check_output_file)]
 OutputDir = Annotated[Path, AfterValidator(check_output_dir)]
 
 # Set by Ray's job API in a submitted job's driver: its runtime_env, metadata.
+# Ray does not document it (`ray._private.runtime_env.constants` defines it);
+# tests/runtime/test_config.py pins the name against the installed Ray.
 RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 

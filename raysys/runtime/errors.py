@@ -28,3 +28,15 @@ class UnsatisfiableResources(RaysysError):
 
 class PackageTooLarge(ConfigError):
     """A job's working_dir package exceeds what Ray's job API accepts."""
+
+
+def last_line(error: BaseException | str) -> str:
+    """The last non-empty line of an error's text: what a remote traceback ends with.
+
+    Ray wraps a remote exception in its whole traceback; the last line names the
+    exception and its message.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if lines:
+        return lines[-1]
+    return type(error).__name__ if isinstance(error, BaseException) else ""

@@ -40,8 +40,9 @@ def load_runtime_env(path: Path = RUNTIME_ENV_FILE) -> dict[str, Any]:
     """The runtime_env in ``jobs/runtime_env.yaml`` (a fresh copy per call).
 
     Raises:
-        ConfigError: the file is missing or its ``excludes`` is not a list of
-            strings.
+        ConfigError: the file is missing, is not YAML, has a key Ray's
+            runtime_env does not know, a value Ray refuses, or an ``excludes``
+            that is not a list of strings.
     """
     return copy.deepcopy(_read_runtime_env(path))
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from raysys.models.llama import KVCache, KVState, Transformer, decode_step
+from raysys.models.tokenizer import check_token_ids
 from raysys.runtime.errors import ConfigError, RaysysError
 from raysys.serving.batching import EngineConfig, plan_prefill
 from raysys.serving.policy import InstanceState, Role
@@ -53,36 +54,6 @@ class Phase(str, enum.Enum):
 
 class EngineError(RaysysError):
     """A request the engine cannot take (too long, unknown id, duplicate)."""
-
-
-def check_prompt(prompt: Sequence[int], vocab_size: int) -> list[int]:
-    """The prompt as a list of token ids, each checked to be in ``[0, vocab_size)``.
-
-    A token id outside the vocabulary would fail the embedding lookup of the
-    whole batched step it runs in, taking every request in that step with it,
-    so it is refused here, before it reaches a step.
-
-    Raises:
-        ValueError: the prompt is empty, or names the first bad token and its
-            position.
-    """
-    if isinstance(prompt, str | bytes):
-        raise ValueError(f"the prompt is a {type(prompt).__name__}; give token ids")
-    # Arrays and tensors give plain ints this way.
-    tokens = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)
-    if not tokens:
-        raise ValueError("the prompt is empty; give at least one token id")
-    for position, token in enumerate(tokens):
-        if isinstance(token, bool) or not isinstance(token, numbers.Integral):
-            raise ValueError(
-                f"prompt token {position} is {token!r}, not a whole number token id"
-            )
-        if not 0 <= token < vocab_size:
-            raise ValueError(
-                f"prompt token {position} is {int(token)}, outside the model's "
-                f"vocabulary [0, {vocab_size})"
-            )
-    return [int(t) for t in tokens]
 
 
 @dataclass
@@ -258,7 +229,7 @@ class Engine:
             EngineError: the id is taken, the prompt is empty or too long.
         """
         try:
-            tokens = check_prompt(prompt, self.vocab_size)
+            tokens = check_token_ids(prompt, self.vocab_size)
         except ValueError as e:
             raise EngineError(f"request {request_id}: {e}") from e
         self._check_new(request_id, len(tokens), max_new_tokens)

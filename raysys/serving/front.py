@@ -40,8 +40,9 @@ from typing import Any
 import ray
 from pydantic import BaseModel, ConfigDict, Field
 
-from raysys.runtime.errors import RaysysError, RemoteTimeout
-from raysys.serving.engine import EngineLoad, Finished, FirstToken, check_prompt
+from raysys.models.tokenizer import check_token_ids
+from raysys.runtime.errors import RaysysError, RemoteTimeout, last_line
+from raysys.serving.engine import EngineLoad, Finished, FirstToken
 from raysys.serving.instance import InstanceReport, InstanceSpec, start_instances
 from raysys.serving.metrics import FlipEvent, RequestRecord
 from raysys.serving.policy import (
@@ -179,7 +180,7 @@ class ServingFront:
             # say) dies in its constructor: stop the others with it.
             self.shutdown()
             raise RaysysError(
-                f"a serving instance failed to start: {str(e).strip().splitlines()[-1]}"
+                f"a serving instance failed to start: {last_line(e)}"
             ) from e
         self.loads: list[EngineLoad] = [r.load for r in reports]
         # Every instance serves the same model; the front checks prompts
@@ -301,7 +302,7 @@ class ServingFront:
                 "whole number >= 1"
             )
         try:
-            return check_prompt(prompt, self.vocab_size)
+            return check_token_ids(prompt, self.vocab_size)
         except ValueError as e:
             raise ValueError(f"request {request_id}: {e}") from None
 

@@ -483,12 +483,11 @@ def find_goodput(
     per second is the scale times the trace's mean rate. Attainment falls
     steeply past the goodput, and not always monotonically (a flip more or
     less changes a run), so the search is precise to about ``rel_tol``.
+
+    Raises:
+        ConfigError: every request of the trace arrives at the same time.
     """
-    if trace.duration_s <= 0:
-        raise ConfigError(
-            f"trace {trace.name}: all {len(trace)} requests arrive at the same "
-            "time; a goodput search needs arrivals spread over time"
-        )
+    _check_spans_time(trace)
     curve: list[tuple[float, float]] = []
     name = make_policy().name
 
@@ -602,6 +601,15 @@ def adaptive_headroom(
     )
 
 
+def _check_spans_time(trace: Trace) -> None:
+    if trace.duration_s <= 0:
+        raise ConfigError(
+            f"trace {trace.name}: all {len(trace)} requests arrive at the same "
+            "time, so it has no request rate to scale and no goodput; give a "
+            "trace whose arrivals span some time"
+        )
+
+
 def check_slos_reachable(
     trace: Trace,
     profile: LatencyProfile,
@@ -624,12 +632,7 @@ def check_slos_reachable(
             and the shortest target that leaves enough of them; or the trace
             spans no time.
     """
-    if trace.duration_s <= 0:
-        raise ConfigError(
-            f"trace {trace.name}: all {len(trace)} requests arrive at the same "
-            "time, so it has no request rate to scale and no goodput; give a "
-            "trace whose arrivals span some time"
-        )
+    _check_spans_time(trace)
     prefill = np.array([profile.prefill_time_s(r.prompt_tokens) for r in trace])
     _refuse_out_of_reach(
         prefill, ttft_slo_s, target_attainment, trace, profile,

@@ -30,6 +30,7 @@ from raysys.runtime.errors import (
     ConfigError,
     RemoteTimeout,
     UnsatisfiableResources,
+    last_line,
 )
 from raysys.runtime.local_cluster import HEAD_RESOURCE
 from raysys.runtime.ray_env import bounded_get
@@ -136,7 +137,7 @@ class SharingClient:
             cause = getattr(e, "error_msg", "") or str(e)
             raise ClusterError(
                 f"the sharing controller {cfg.controller_name!r} failed to start: "
-                f"{cause.strip().splitlines()[-1]}"
+                f"{last_line(cause) or type(e).__name__}"
             ) from e
         logger.info(
             "sharing controller %s is up (store %s)", cfg.controller_name, cfg.store

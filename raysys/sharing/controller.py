@@ -92,6 +92,8 @@ class _Provider:
     last_heartbeat: float | None = None
     leave_deadline_at: float | None = None
     leave_started: bool = False
+    # `requested_at` of the owner's wish acted on: every heartbeat repeats it.
+    wish_requested_at: float | None = None
     reason: str = ""
     agent: Any = None
 
@@ -235,7 +237,9 @@ class SharingController:
         p.last_heartbeat = time.time()
         if not wish.get("leave"):
             return
+        requested_at = wish.get("requested_at")
         if not p.leave_started:
+            p.wish_requested_at = requested_at
             self._begin_leave(
                 p,
                 wish.get("deadline_at"),
@@ -243,6 +247,9 @@ class SharingController:
                 grace_s=wish.get("grace_s"),
             )
             return
+        if requested_at == p.wish_requested_at:
+            return  # the wish already acted on, repeated by a heartbeat
+        p.wish_requested_at = requested_at
         # The owner asked again with an earlier end: the owner wins, so the
         # provider goes then; tenants still there resume from their last commit.
         ends_at = wish.get("ends_at")
@@ -650,11 +657,15 @@ class SharingController:
                 self._runner_lost(w, f"poll failed: {answer!r}")
             else:
                 w.missed_polls = 0
-                self._absorb(w, answer)
-                if answer["state"] == "done":
-                    self._finish(w, "done", f"completed {w.step} steps")
-                elif answer["state"] in ("failed", "fenced"):
-                    self._finish(w, "failed", "step() raised", answer.get("error"))
+                self._absorb_and_end(w, answer)
+
+    def _absorb_and_end(self, w: _Workload, answer: dict) -> None:
+        """Take a runner's answer; a runner that ended on its own ends the workload."""
+        self._absorb(w, answer)
+        if answer["state"] == "done":
+            self._finish(w, "done", f"completed {w.step} steps")
+        elif answer["state"] in ("failed", "fenced"):
+            self._finish(w, "failed", "step() raised", answer.get("error"))
 
     def _runner_lost(self, w: _Workload, reason: str) -> None:
         provider = w.provider or "?"
@@ -785,12 +796,8 @@ class SharingController:
                 )
             else:
                 if w.epoch == epoch and w.state not in TERMINAL_STATES:
-                    self._absorb(w, answer)
                     # It ended on its own before the stop: keep how it ended.
-                    if answer["state"] == "done":
-                        self._finish(w, "done", f"completed {w.step} steps")
-                    elif answer["state"] in ("failed", "fenced"):
-                        self._finish(w, "failed", "step() raised", answer.get("error"))
+                    self._absorb_and_end(w, answer)
             if w.state in TERMINAL_STATES:
                 return w.state
         self._finish(w, "cancelled", "cancelled by its tenant")

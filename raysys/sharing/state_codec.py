@@ -55,6 +55,30 @@ NUMPY_DTYPES = (
 )
 
 
+# torch dtypes safetensors stores (its format's dtype list; the float8 kinds
+# only exist in recent torch builds, hence looked up by name).
+TORCH_DTYPES = (
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    "bfloat16",
+    "float32",
+    "float64",
+    "complex64",
+    "float8_e4m3fn",
+    "float8_e4m3fnuz",
+    "float8_e5m2",
+    "float8_e5m2fnuz",
+)
+
+
 def _check_torch_tensor(value: Any, path: str) -> None:
     torch = _torch_if_loaded()
     if value.layout != torch.strided:
@@ -62,10 +86,7 @@ def _check_torch_tensor(value: Any, path: str) -> None:
             f"state{path} is a {value.layout} torch tensor; store it dense "
             "(tensor.to_dense())"
         )
-    try:
-        from safetensors.torch import _SIZE as supported
-    except ImportError:  # a safetensors without the table: let save() decide
-        return
+    supported = {getattr(torch, name, None) for name in TORCH_DTYPES}
     if value.dtype not in supported:
         raise StateEncodingError(
             f"state{path} is a torch tensor of dtype {value.dtype}, which "

@@ -390,7 +390,7 @@ class TenantStore:
         if match is None:
             raise CheckpointError(
                 f"checkpoint id {checkpoint_id!r} is not of the form "
-                "ckpt-<12 digits>-<4 digits>"
+                "ckpt-<at least 12 digits>-<at least 4 digits>"
             )
         cdir = f"{self._workload_dir(workload)}/{checkpoint_id}"
         try:

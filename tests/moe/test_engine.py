@@ -239,11 +239,13 @@ def test_direct_calls_check_the_budget_and_the_token_ids(engine):
         engine.run_sequence("x", 0, seed=0)
     with pytest.raises(ConfigError, match="max_new_tokens 3000 leaves no room"):
         engine.run_sequence("x", 3000, seed=0)
-    with pytest.raises(ConfigError, match="the prompt has no tokens"):
+    with pytest.raises(ConfigError, match="the prompt is empty"):
         engine.generate_ids([], 4)
     vocab = engine.target.config.vocab_size
     for bad in (vocab, -1):
-        with pytest.raises(ConfigError, match=rf"prompt token 1 is {bad}, not a token"):
+        with pytest.raises(
+            ConfigError, match=rf"prompt token 1 is {bad}, outside the model's vocab"
+        ):
             engine.generate_ids([65, bad], 4)
 
 
@@ -256,7 +258,9 @@ def test_numpy_and_torch_token_ids_are_served_like_ints(engine):
     want = engine.generate_ids(ids, 4, seed=0).trace.tokens
     for given in (np.array(ids), torch.tensor(ids), [np.int64(t) for t in ids]):
         assert engine.generate_ids(given, 4, seed=0).trace.tokens == want
-    with pytest.raises(ConfigError, match="prompt token 1 is 300, not a token"):
+    with pytest.raises(
+        ConfigError, match="prompt token 1 is 300, outside the model.s vocab"
+    ):
         engine.generate_ids(np.array([65, 300]), 4)
 
 

@@ -167,10 +167,16 @@ def test_bench_job_runs_a_model_whose_quarter_rounds_to_zero(ray_cluster, tmp_pa
 
 def test_train_job_refuses_bad_flags_and_tiny_corpora_before_training(tmp_path):
     job = load_job("moe_train")
-    with pytest.raises(ConfigError, match="top_k 3 is more than num_experts 2"):
+    with pytest.raises(ConfigError, match="--top-k 3 is more than --num-experts 2"):
         load_config(job.TrainConfig, ["--num-experts", "2", "--top-k", "3"])
-    with pytest.raises(ConfigError, match="divisible by num_attention_heads 3"):
+    with pytest.raises(
+        ConfigError, match="--hidden-size 64 is not divisible by --num-heads 3"
+    ):
         load_config(job.TrainConfig, ["--num-heads", "3"])
+    with pytest.raises(
+        ConfigError, match="--num-heads 4 is not a multiple of --num-kv-heads 3"
+    ):
+        load_config(job.TrainConfig, ["--num-kv-heads", "3"])
     with pytest.raises(ConfigError, match="seq_len"):
         load_config(job.TrainConfig, ["--seq-len", "4096"])
     corpus = tmp_path / "corpus"

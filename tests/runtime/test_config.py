@@ -214,3 +214,12 @@ def test_relative_outputs_are_fine_outside_a_submitted_job(monkeypatch, tmp_path
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     monkeypatch.chdir(tmp_path)
     assert load_config(Outputs, []).out == Path("out/report.json")
+
+
+def test_the_job_config_variable_is_the_one_the_installed_ray_sets():
+    # Ray's job API sets it in a submitted driver; the name is Ray-internal.
+    from ray._private.runtime_env import constants
+
+    from raysys.runtime.config import RAY_JOB_CONFIG_ENV
+
+    assert constants.RAY_JOB_CONFIG_JSON_ENV_VAR == RAY_JOB_CONFIG_ENV

@@ -310,6 +310,7 @@ def test_prompt_filling_the_whole_context_gets_its_one_token(model):
         ([1.5, 2], "prompt token 0 is 1.5, not a whole number"),
         ([True, 2], "prompt token 0 is True, not a whole number"),
         ("hello", "the prompt is a str"),
+        (torch.tensor(5), "the prompt is 5, not a sequence of token ids"),
     ],
 )
 def test_a_token_outside_the_vocabulary_is_refused_before_any_step(model, bad, match):

@@ -101,20 +101,28 @@ def test_owner_grace_and_an_earlier_second_leave_are_honoured(controller):
             controller.providers[name] = _Provider(name, f"node-{name}", 1.0, now)
             controller.policy.add_provider(name, 1.0, now=now)
         # no deadline: the owner's grace, not immediate_grace_s (10 s)
-        wish = {"leave": True, "deadline_at": None, "grace_s": 45.0}
+        # the wish as the agent sends it: its own clock, a little before the
+        # controller sees it
+        wish = {"leave": True, "deadline_at": None, "grace_s": 45.0,
+                "requested_at": now - 0.5, "ends_at": now - 0.5 + 45.0}  # fmt: skip
         controller.heartbeat("lab-a", "node-lab-a", wish, now)
         a = controller.providers["lab-a"]
         assert a.phase == "draining"
         assert a.leave_deadline_at - now == pytest.approx(45.0, abs=1.0)
+        # every heartbeat repeats the wish: that is no new, earlier end
+        first = a.leave_deadline_at
+        controller.heartbeat("lab-a", "node-lab-a", dict(wish), now + 1)
+        assert a.leave_deadline_at == first
 
-        wish = {"leave": True, "deadline_at": now + 60, "ends_at": now + 60}
+        wish = {"leave": True, "deadline_at": now + 60, "ends_at": now + 60,
+                "requested_at": now}  # fmt: skip
         controller.heartbeat("lab-b", "node-lab-b", wish, now)
         b = controller.providers["lab-b"]
         # a later end changes nothing, an earlier one wins
-        later = dict(wish, deadline_at=now + 90, ends_at=now + 90)
+        later = dict(wish, deadline_at=now + 90, ends_at=now + 90, requested_at=now + 1)
         controller.heartbeat("lab-b", "node-lab-b", later, now)
         assert b.leave_deadline_at == pytest.approx(now + 60)
-        earlier = dict(wish, deadline_at=now + 5, ends_at=now + 5)
+        earlier = dict(wish, deadline_at=now + 5, ends_at=now + 5, requested_at=now + 2)
         controller.heartbeat("lab-b", "node-lab-b", earlier, now)
         assert b.leave_deadline_at == pytest.approx(now + 5)
         await controller.shutdown()
