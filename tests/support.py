@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -87,3 +89,21 @@ def raysys_submit(env, address, *entrypoint, submission_id=None, timeout=600):
         env=env, timeout=timeout,
     )  # fmt: skip
     return submission_id, result
+
+
+def sigterm_runs_cleanup(
+    marker: Path, argv: list[str], env: dict | None = None
+) -> None:
+    """Start ``argv``, wait for ``<marker>.started``, SIGTERM it, and check that it
+    exited 143 with ``marker`` reading "cleaned up" (its ``finally`` ran)."""
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
+    started = marker.with_name(marker.name + ".started")
+    deadline = time.monotonic() + 60
+    while not started.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 128 + signal.SIGTERM
+    assert marker.read_text() == "cleaned up"

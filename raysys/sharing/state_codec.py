@@ -58,20 +58,8 @@ NUMPY_DTYPES = (
 # torch dtypes safetensors stores (its format's dtype list; the float8 kinds
 # only exist in recent torch builds, hence looked up by name).
 TORCH_DTYPES = (
-    "bool",
-    "int8",
-    "int16",
-    "int32",
-    "int64",
-    "uint8",
-    "uint16",
-    "uint32",
-    "uint64",
-    "float16",
+    *NUMPY_DTYPES,
     "bfloat16",
-    "float32",
-    "float64",
-    "complex64",
     "float8_e4m3fn",
     "float8_e4m3fnuz",
     "float8_e5m2",

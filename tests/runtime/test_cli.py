@@ -4,7 +4,6 @@ interruptions, without starting Ray (``ray start`` is stood in for)."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import free_port
+from support import free_port, sigterm_runs_cleanup
 
 from raysys import cli
 from raysys.runtime import local_cluster
@@ -219,15 +218,5 @@ def test_sigterm_ends_a_connected_cli_command_through_its_cleanup(
 ):
     # ray.init installs Ray's handler: exit status 15 and a fatal signal report.
     marker = tmp_path / "marker"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CONNECTED, ray_cluster.address, str(marker)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while not (tmp_path / "marker.started").exists():
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 128 + signal.SIGTERM
-    assert marker.read_text() == "cleaned up"
+    argv = [sys.executable, "-c", CONNECTED, ray_cluster.address, str(marker)]
+    sigterm_runs_cleanup(marker, argv)

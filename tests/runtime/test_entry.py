@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import textwrap
-import time
+
+from support import sigterm_runs_cleanup
 
 JOB = textwrap.dedent(
     """
@@ -37,19 +36,8 @@ JOB = textwrap.dedent(
 
 def _killed_job_cleans_up(tmp_path, *args: str, env: dict | None = None) -> None:
     marker = tmp_path / "marker"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", JOB, "--marker", str(marker), *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    deadline = time.monotonic() + 60
-    while not (tmp_path / "marker.started").exists():
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 128 + signal.SIGTERM
-    assert marker.read_text() == "cleaned up"
+    argv = [sys.executable, "-c", JOB, "--marker", str(marker), *args]
+    sigterm_runs_cleanup(marker, argv, env)
 
 
 def test_sigterm_ends_a_job_through_its_cleanup(tmp_path):
