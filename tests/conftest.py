@@ -8,7 +8,9 @@ on two cores.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 
@@ -16,6 +18,7 @@ import pytest
 
 # Never let a test join a cluster the developer started with `raysys up`.
 os.environ["RAYSYS_STATE_DIR"] = tempfile.mkdtemp(prefix="raysys-test-state-")
+atexit.register(shutil.rmtree, os.environ["RAYSYS_STATE_DIR"], ignore_errors=True)
 os.environ.pop("RAY_ADDRESS", None)
 
 from support import SHARED_DATA, shared_data  # noqa: E402,F401  (re-exported)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import uuid
@@ -34,6 +35,7 @@ class LocalPool:
 
     def __init__(self, prefix: str = "pool") -> None:
         self.own = False
+        self.state_dir: str | None = None
         self.state: local_cluster.ClusterState | None = None
         self.cluster_id = f"{prefix}-{uuid.uuid4().hex[:8]}"
         self.prefix = prefix
@@ -57,9 +59,8 @@ class LocalPool:
             not os.environ.get("RAY_ADDRESS")
             and local_cluster.running_cluster() is None
         ):
-            os.environ["RAYSYS_STATE_DIR"] = tempfile.mkdtemp(
-                prefix=f"raysys-{self.prefix}-"
-            )
+            self.state_dir = tempfile.mkdtemp(prefix=f"raysys-{self.prefix}-")
+            os.environ["RAYSYS_STATE_DIR"] = self.state_dir
             cfg = local_cluster.LocalClusterConfig(
                 providers=providers,
                 gpus_per_provider=gpus_per_provider,
@@ -151,3 +152,6 @@ class LocalPool:
             self.kill(name)
         if self.own:
             local_cluster.down()
+            # The state folder made for the cluster (its record is gone now).
+            if self.state_dir is not None:
+                shutil.rmtree(self.state_dir, ignore_errors=True)
