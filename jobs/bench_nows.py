@@ -205,12 +205,16 @@ def main(cfg: BenchNowsConfig) -> None:
     from raysys.solvers.datasets import generate_instances
     from raysys.solvers.predictor import load_model
     from raysys.solvers.reports import BenchReport
-    from raysys.solvers.runner import run_solves
+    from raysys.solvers.runner import check_model_fits, run_solves
     from raysys.solvers.worker import SolveSettings
 
     start = time.perf_counter()
     torch.set_num_threads(1)
     model = load_model(cfg.model)
+    # the benchmark's instances are Darcy: another family's model is refused now
+    check_model_fits(
+        model, "darcy", data="the benchmark's data", fix="give a Darcy --model"
+    )
     init_ray()
     settings = SolveSettings(
         solvers=tuple(cfg.solvers),

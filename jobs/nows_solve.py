@@ -138,13 +138,22 @@ def main(cfg: NowsSolveConfig) -> None:
     from raysys.solvers.datasets import generate_instances, load_instances
     from raysys.solvers.predictor import load_model
     from raysys.solvers.reports import SolveReport, summarise
-    from raysys.solvers.runner import run_solves
+    from raysys.solvers.runner import check_model_fits, run_solves
     from raysys.solvers.worker import SolveSettings
 
     start = time.perf_counter()
     model = load_model(cfg.model) if cfg.guess == "operator" else None
-    # a bad file is refused before Ray starts
+    # a bad file, or a model of another family, is refused before Ray starts
     instances = load_instances(cfg.data) if cfg.data is not None else None
+    if model is not None:
+        families = {i.family for i in instances} if instances else {cfg.family}
+        for family in sorted(families):
+            check_model_fits(
+                model,
+                family,
+                data=cfg.data or "--family",
+                fix="give a --model trained on that family (jobs/nows_train.py)",
+            )
     init_ray()
     if instances is None:
         instances = generate_instances(

@@ -31,7 +31,7 @@ import ray
 
 from raysys.runtime import bounded_get
 from raysys.runtime.errors import RaysysError
-from raysys.solvers.errors import DataFormatError
+from raysys.solvers.errors import DataFormatError, InvalidInstance
 from raysys.solvers.families import Instance, get_family
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ def sample_instances(
 ) -> list[Instance]:
     """Draw instances ``indices`` of the data set ``seed`` (no Ray)."""
     fam = get_family(family)
+    _check_sizes(resolution, len(indices))
     out = []
     for k in indices:
         rng = np.random.default_rng([seed, int(k)])
@@ -59,6 +60,18 @@ def sample_instances(
             inst.reference = fam.reference_solution(inst)
         out.append(inst)
     return out
+
+
+def _check_sizes(resolution: int, num_instances: int) -> None:
+    if int(resolution) != resolution or resolution < 2:
+        raise InvalidInstance(
+            f"resolution {resolution!r} is too small; the grid is n x n interior "
+            "nodes with n >= 2"
+        )
+    if num_instances < 0:
+        raise InvalidInstance(
+            f"number of instances {num_instances!r} is negative; give 0 or more"
+        )
 
 
 @ray.remote(num_cpus=1)
@@ -85,9 +98,12 @@ def generate_instances(
             cluster CPU, at most 32 per task.
 
     Raises:
+        InvalidInstance: an unknown family, a resolution below 2 or a negative
+            count (before any task starts).
         RemoteTimeout: the tasks did not finish within ``timeout_s``.
     """
     get_family(family)  # fail before any task starts
+    _check_sizes(resolution, num_instances)
     if chunk_size is None:
         num_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         chunk_size = max(1, min(32, math.ceil(num_instances / (2 * num_cpus))))

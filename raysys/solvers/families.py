@@ -85,6 +85,14 @@ def _check_field(inst: Instance, key: str, *, positive: bool) -> np.ndarray:
     return arr
 
 
+def _check_finite_matrix(inst: Instance, A: sp.csr_matrix, what: str) -> None:
+    if not np.isfinite(A.data).all():
+        raise InvalidInstance(
+            f"instance {inst.name!r}: its matrix overflows float64 ({what} at "
+            f"{inst.resolution}x{inst.resolution}); rescale the problem"
+        )
+
+
 def _same_shape(inst: Instance, arrays: dict[str, np.ndarray]) -> None:
     shapes = {k: v.shape for k, v in arrays.items()}
     if len(set(shapes.values())) > 1:
@@ -170,7 +178,9 @@ class DarcyFamily(PDEFamily):
         a = fields["a"]
         n = a.shape[0]
         f = fields.get("f", np.full((n, n), self.forcing))
-        return darcy_matrix(a), f.ravel().copy()
+        A = darcy_matrix(a)
+        _check_finite_matrix(inst, A, f"coefficients up to {a.max():g}")
+        return A, f.ravel().copy()
 
     def features(self, inst: Instance) -> np.ndarray:
         return self.validate(inst)["a"][None].astype(np.float32)  # (1, n, n)
@@ -181,10 +191,20 @@ class DarcyFamily(PDEFamily):
         return Instance(name, self.name, {"a": a})
 
 
+def _harmonic_mean(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    # 2 p q / (p + q); where the product p q would overflow or lose precision
+    # (values beyond 1e+-150), 2 p (q / (p + q)), whose ratio lies in (0, 1)
+    with np.errstate(over="ignore", under="ignore"):
+        plain = 2.0 * p * q / (p + q)
+        scaled = 2.0 * p * (q / (p + q))
+    safe = (np.maximum(p, q) < 1e150) & (np.minimum(p, q) > 1e-150)
+    return np.where(safe, plain, scaled)
+
+
 def harmonic_faces(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Face coefficients of an (n, n) field: x faces (n, n-1), y faces (n-1, n)."""
-    ax = 2.0 * a[:, :-1] * a[:, 1:] / (a[:, :-1] + a[:, 1:])
-    ay = 2.0 * a[:-1, :] * a[1:, :] / (a[:-1, :] + a[1:, :])
+    ax = _harmonic_mean(a[:, :-1], a[:, 1:])
+    ay = _harmonic_mean(a[:-1, :], a[1:, :])
     return ax, ay
 
 
@@ -270,9 +290,11 @@ class ConvectionDiffusionFamily(PDEFamily):
         vx, vy = fields["vx"], fields["vy"]
         n = vx.shape[0]
         f = fields.get("f", np.full((n, n), self.forcing))
-        return convection_diffusion_matrix(vx, vy, inst.scalars["epsilon"]), (
-            f.ravel().copy()
-        )
+        eps = inst.scalars["epsilon"]
+        A = convection_diffusion_matrix(vx, vy, eps)
+        speed = float(max(np.abs(vx).max(), np.abs(vy).max()))
+        _check_finite_matrix(inst, A, f"epsilon {eps:g}, speed up to {speed:g}")
+        return A, f.ravel().copy()
 
     def features(self, inst: Instance) -> np.ndarray:
         fields = self.validate(inst)

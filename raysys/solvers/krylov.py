@@ -35,6 +35,7 @@ from typing import Literal
 
 import numpy as np
 import pyamg
+import scipy.linalg
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
@@ -80,9 +81,23 @@ class SolveResult:
     time_s: float
 
 
+def vector_norm(v: np.ndarray) -> float:
+    """``||v||_2`` without overflow or underflow in the sum of squares.
+
+    numpy's norm squares the entries, so a vector with entries beyond about
+    1e154 gets an infinite norm (and a threshold of infinity would call any x
+    converged); BLAS ``nrm2`` scales as it sums. It is used only where numpy's
+    result is out of the safe range, so ordinary norms are numpy's to the bit.
+    """
+    value = float(np.linalg.norm(v))
+    if math.isfinite(value) and (value > 1e-140 or value == 0.0):
+        return value
+    return float(scipy.linalg.norm(v, check_finite=False))
+
+
 def threshold(b: np.ndarray, rtol: float, atol: float) -> float:
     """The stopping threshold ``max(rtol ||b||, atol)`` every solve uses."""
-    return max(rtol * float(np.linalg.norm(b)), atol)
+    return max(rtol * vector_norm(b), atol)
 
 
 class KrylovSolver:
@@ -115,6 +130,10 @@ class KrylovSolver:
             raise ValueError(
                 f"tolerances must be finite and >= 0 (got rtol={rtol}, atol={atol})"
             )
+        if maxiter is not None and maxiter < 1:
+            raise ValueError(f"maxiter must be >= 1 or None (10 N), got {maxiter}")
+        if restart < 1:
+            raise ValueError(f"restart must be >= 1 inner iterations, got {restart}")
         self.A = sp.csr_matrix(A)
         self.solver = solver
         self.rtol = rtol
@@ -168,13 +187,14 @@ class KrylovSolver:
                 callback(num_iterations)
 
         info = 0
-        if float(np.linalg.norm(r0)) <= thr:
+        if vector_norm(r0) <= thr:
             x = x0.copy()  # x0 already meets the tolerance: zero iterations
         else:
             d, info = self._run(op, r0, thr, count)
             x = x0 + d
-        residual = float(np.linalg.norm(b - self.A @ x))
-        converged = bool(residual <= thr)
+        residual = vector_norm(b - self.A @ x)
+        # an infinite threshold (b or atol not finite) proves nothing
+        converged = bool(residual <= thr) and math.isfinite(thr)
         if info == 0 and not converged:
             logger.warning(
                 "%s reported convergence but the true residual %.3e exceeds the "

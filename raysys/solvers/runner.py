@@ -173,6 +173,13 @@ def run_solves(
                 i = pending.pop(ref)
                 slots[i] = _collect(ref, instances[i], settings)
                 bar.update(1)
+        if pending:
+            # tasks that finished while the bound ran out are kept, not cancelled
+            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+            for ref in done:
+                i = pending.pop(ref)
+                slots[i] = _collect(ref, instances[i], settings)
+                bar.update(1)
     finally:
         bar.close()
     for ref, i in pending.items():

@@ -34,7 +34,7 @@ from pyamg.relaxation.relaxation import gauss_seidel
 
 from raysys.solvers.families import Instance, PDEFamily
 from raysys.solvers.fields import interpolation_weights, resample
-from raysys.solvers.krylov import KrylovSolver, SolveResult, threshold
+from raysys.solvers.krylov import KrylovSolver, SolveResult, threshold, vector_norm
 from raysys.solvers.policy import (
     GuessMeasures,
     WarmStartDecision,
@@ -375,15 +375,15 @@ def measure_guess(
     finite = bool(np.isfinite(x0).all())
     if not finite:
         nan = float("nan")
-        return GuessMeasures(False, nan, float(np.linalg.norm(b)), thr), b
+        return GuessMeasures(False, nan, vector_norm(b), thr), b
     if r0 is None:
         r0 = b - A @ x0
     # J(x) = 1/2 x'Ax - b'x = -1/2 x'(b + r) with Ax = b - r
     energy = -0.5 * float(x0 @ (b + r0)) if symmetric else None
     measures = GuessMeasures(
         finite=bool(np.isfinite(r0).all()),
-        residual_norm=float(np.linalg.norm(r0)),
-        rhs_norm=float(np.linalg.norm(b)),
+        residual_norm=vector_norm(r0),
+        rhs_norm=vector_norm(b),
         threshold=thr,
         energy=energy,
     )
@@ -439,7 +439,7 @@ def warm_solve(
     num_post = num_extra
 
     if x0 is None:
-        measures = GuessMeasures(False, float("nan"), float(np.linalg.norm(b)), thr)
+        measures = GuessMeasures(False, float("nan"), vector_norm(b), thr)
         r0 = b
     else:
         had_residual = r0 is not None

@@ -164,3 +164,13 @@ def test_a_bad_instance_in_a_reference_solve_gives_its_message_only(ray_cluster)
         with_references([bad])
     assert str(info.value).startswith("instance 'bad-0': field 'a' must be positive")
     assert "Traceback" not in str(info.value)
+
+
+@pytest.mark.parametrize("family", ["darcy", "convection-diffusion"])
+@pytest.mark.parametrize("resolution", [0, 1])
+def test_a_grid_below_two_is_refused_before_any_task(family, resolution):
+    # without Ray running: the check comes before any task is submitted
+    with pytest.raises(InvalidInstance, match=f"resolution {resolution} is too"):
+        generate_instances(family, resolution, 2, 0)
+    with pytest.raises(InvalidInstance, match=f"resolution {resolution} is too"):
+        sample_instances(family, resolution, 0, [0], with_reference=False)

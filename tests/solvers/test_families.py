@@ -120,3 +120,21 @@ def test_resample_keeps_a_constant_coefficient_and_shrinks_the_grid():
     inst = Instance("c", "darcy", {"a": np.full((9, 9), 7.0)})
     coarse = fam.resample(inst, 4)
     np.testing.assert_allclose(coarse.fields["a"], np.full((4, 4), 7.0))
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-200])
+def test_darcy_with_extreme_coefficients_is_the_scaled_unit_matrix(scale):
+    # 2 p q / (p + q) formed directly overflows (or underflows to a singular
+    # matrix) for coefficients beyond 1e+-154
+    a = np.full((6, 6), scale)
+    a[2, 3] = 2 * scale
+    A, _ = DarcyFamily().assemble(Instance("extreme", "darcy", {"a": a}))
+    unit = darcy_matrix(a / scale)
+    assert np.isfinite(A.data).all()
+    np.testing.assert_allclose((A / scale).toarray(), unit.toarray(), rtol=1e-12)
+
+
+def test_a_matrix_that_overflows_is_refused_with_the_coefficient():
+    inst = Instance("overflowing", "darcy", {"a": np.full((4, 4), 1e307)})
+    with pytest.raises(InvalidInstance, match="overflows float64.*1e\\+307"):
+        DarcyFamily().assemble(inst)

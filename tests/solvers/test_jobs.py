@@ -353,3 +353,44 @@ def test_bench_job_keeps_finished_resolutions_when_a_later_one_fails(
     assert report["errors"] == [
         "12x12: generation of 2 instances did not answer within 1 s"
     ]
+
+
+def test_solve_job_refuses_a_model_of_another_family_before_generating(
+    tmp_path, capsys, monkeypatch
+):
+    from raysys.models.fno import FNO, FNOConfig
+    from raysys.solvers import datasets
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("instances were generated before the model was checked")
+
+    monkeypatch.setattr(datasets, "generate_instances", no_generation)
+    config = FNOConfig(
+        in_channels=3, modes=2, width=4, num_layers=1, projection_channels=4,
+        metadata={"family": "convection-diffusion"},
+    )  # fmt: skip
+    FNO(config).save(tmp_path / "cd-model")
+    job = load_job("nows_solve")
+    argv = [
+        "--model", str(tmp_path / "cd-model"), "--generate", "2",
+        "--resolution", "8", "--out", str(tmp_path / "r.json"),
+    ]  # fmt: skip
+    assert run_job(job.NowsSolveConfig, job.main, argv) == 1
+    err = capsys.readouterr().err
+    assert "trained on 'convection-diffusion' instances, but --family is 'darcy'" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_bench_job_refuses_a_model_of_another_family_before_ray(tmp_path, capsys):
+    from raysys.models.fno import FNO, FNOConfig
+
+    config = FNOConfig(
+        in_channels=3, modes=2, width=4, num_layers=1, projection_channels=4,
+        metadata={"family": "convection-diffusion"},
+    )  # fmt: skip
+    FNO(config).save(tmp_path / "cd-model")
+    job = load_job("bench_nows")
+    job.init_ray = lambda: pytest.fail("Ray started before the model was checked")
+    argv = ["--model", str(tmp_path / "cd-model"), "--num-instances", "1"]
+    assert run_job(job.BenchNowsConfig, job.main, argv) == 1
+    assert "give a Darcy --model" in capsys.readouterr().err

@@ -122,3 +122,35 @@ def test_amg_cg_needs_far_fewer_iterations_than_cg():
     amg = KrylovSolver(A, "amg-cg", rtol=1e-6).solve(b)
     assert amg.converged and cg.converged
     assert amg.num_iterations * 4 < cg.num_iterations
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_huge_right_hand_side_is_not_reported_converged_at_zero(solver):
+    # numpy's norm of entries beyond 1e154 is inf, and a threshold of inf once
+    # called x = 0 converged after zero iterations
+    A, b = system_for(solver, 8)
+    res = KrylovSolver(A, solver, rtol=1e-6).solve(1e300 * b)
+    assert np.isfinite(res.threshold)
+    assert res.converged == (res.residual_norm <= res.threshold)
+    assert res.num_iterations > 0 or not res.converged
+
+
+def test_an_infinite_threshold_never_counts_as_converged():
+    A, b = darcy_system(4)
+    b[0] = np.inf
+    res = KrylovSolver(A, "cg", rtol=1e-6).solve(b)
+    assert not res.converged
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"maxiter": 0}, "maxiter must be >= 1 or None.*got 0"),
+        ({"maxiter": -3}, "maxiter must be >= 1 or None.*got -3"),
+        ({"restart": 0}, "restart must be >= 1.*got 0"),
+    ],
+)
+def test_iteration_caps_below_one_are_refused(kwargs, message):
+    A, _ = darcy_system(4)
+    with pytest.raises(ValueError, match=message):
+        KrylovSolver(A, "gmres", rtol=1e-3, **kwargs)

@@ -1,7 +1,9 @@
 import math
+import time
 
 import numpy as np
 import pytest
+import ray
 import scipy.sparse.linalg as spla
 import torch
 
@@ -172,3 +174,35 @@ def test_convection_diffusion_solves_with_gmres_and_bicgstab():
         assert r.residual_warm <= r.threshold
     near = [r for r in results if r.guess == "operator"]
     assert all(r.matvecs_warm < r.matvecs_cold for r in near)
+
+
+class _BoundPassesAsTasksFinish:
+    """`ray` for the runner, but its waits in the loop see the bound pass first.
+
+    The loop's wait lets the tasks finish, then sleeps out the bound and reports
+    nothing done: the tasks finished while the bound ran out.
+    """
+
+    def __getattr__(self, name):
+        return getattr(ray, name)
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        if num_returns == 1 and timeout:
+            ray.wait(refs, num_returns=len(refs))
+            time.sleep(timeout)
+            return [], list(refs)
+        return ray.wait(refs, num_returns=num_returns, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_solves_finished_when_the_bound_passes_are_kept(ray_cluster, monkeypatch):
+    import raysys.solvers.runner as runner
+
+    instances = sample_instances("darcy", 8, 8, range(2), with_reference=False)
+    monkeypatch.setattr(runner, "ray", _BoundPassesAsTasksFinish())
+    outcome = run_solves(
+        instances, SolveSettings(guesses=("coarse-grid",)), timeout_s=1.0,
+        progress=False,
+    )  # fmt: skip
+    assert [r.error for r in outcome.results] == [None, None]
+    assert all(r.converged_cold and r.converged_warm for r in outcome.results)
