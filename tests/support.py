@@ -101,9 +101,14 @@ def sigterm_runs_cleanup(
     )
     started = marker.with_name(marker.name + ".started")
     deadline = time.monotonic() + 60
-    while not started.exists():
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 128 + signal.SIGTERM
+    try:
+        while not started.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:  # a failed check leaves nothing running
+            proc.kill()
+            proc.wait()
     assert marker.read_text() == "cleaned up"

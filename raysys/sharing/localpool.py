@@ -36,6 +36,7 @@ class LocalPool:
     def __init__(self, prefix: str = "pool") -> None:
         self.own = False
         self.state_dir: str | None = None
+        self._state_dir_before: str | None = None
         self.state: local_cluster.ClusterState | None = None
         self.cluster_id = f"{prefix}-{uuid.uuid4().hex[:8]}"
         self.prefix = prefix
@@ -60,6 +61,7 @@ class LocalPool:
             and local_cluster.running_cluster() is None
         ):
             self.state_dir = tempfile.mkdtemp(prefix=f"raysys-{self.prefix}-")
+            self._state_dir_before = os.environ.get("RAYSYS_STATE_DIR")
             os.environ["RAYSYS_STATE_DIR"] = self.state_dir
             cfg = local_cluster.LocalClusterConfig(
                 providers=providers,
@@ -152,6 +154,12 @@ class LocalPool:
             self.kill(name)
         if self.own:
             local_cluster.down()
-            # The state folder made for the cluster (its record is gone now).
-            if self.state_dir is not None:
-                shutil.rmtree(self.state_dir, ignore_errors=True)
+        if self.state_dir is not None:
+            # The state folder made for a cluster of our own (its record is
+            # gone now, or it never started): removed, the setting restored.
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            self.state_dir = None
+            if self._state_dir_before is None:
+                os.environ.pop("RAYSYS_STATE_DIR", None)
+            else:
+                os.environ["RAYSYS_STATE_DIR"] = self._state_dir_before

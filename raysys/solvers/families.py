@@ -193,11 +193,14 @@ class DarcyFamily(PDEFamily):
 
 def _harmonic_mean(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     # 2 p q / (p + q); where the product p q would overflow or lose precision
-    # (values beyond 1e+-150), 2 p (q / (p + q)), whose ratio lies in (0, 1)
-    with np.errstate(over="ignore", under="ignore"):
+    # (values beyond 1e+-150), the same as 2 lo / (1 + lo / hi) with lo <= hi,
+    # whose ratio lies in (0, 1]: neither side's size can push it to 0 or inf
+    # (only a mean beyond the float range is inf, refused with its matrix).
+    lo, hi = np.minimum(p, q), np.maximum(p, q)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         plain = 2.0 * p * q / (p + q)
-        scaled = 2.0 * p * (q / (p + q))
-    safe = (np.maximum(p, q) < 1e150) & (np.minimum(p, q) > 1e-150)
+        scaled = 2.0 * lo / (1.0 + lo / hi)
+    safe = (hi < 1e150) & (lo > 1e-150)
     return np.where(safe, plain, scaled)
 
 

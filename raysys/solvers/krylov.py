@@ -89,7 +89,8 @@ def vector_norm(v: np.ndarray) -> float:
     converged); BLAS ``nrm2`` scales as it sums. It is used only where numpy's
     result is out of the safe range, so ordinary norms are numpy's to the bit.
     """
-    value = float(np.linalg.norm(v))
+    with np.errstate(over="ignore", under="ignore"):
+        value = float(np.linalg.norm(v))
     if math.isfinite(value) and (value > 1e-140 or value == 0.0):
         return value
     return float(scipy.linalg.norm(v, check_finite=False))

@@ -81,6 +81,15 @@ class SolveSettings:
     refinement: RefinementSettings | None = RefinementSettings()
     refined_solvers: tuple[str, ...] = ("cg",)
 
+    def __post_init__(self) -> None:
+        # Refused here, not in every remote task that would build a solver.
+        if self.maxiter is not None and self.maxiter < 1:
+            raise ValueError(f"maxiter must be >= 1 or None (10 N), got {self.maxiter}")
+        if self.restart < 1:
+            raise ValueError(
+                f"restart must be >= 1 inner iterations, got {self.restart}"
+            )
+
     def refinement_for(self, solver: str) -> RefinementSettings | None:
         """The refinement of the guesses for ``solver`` (None: none)."""
         return self.refinement if solver in self.refined_solvers else None

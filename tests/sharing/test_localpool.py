@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from raysys.sharing import localpool
@@ -20,10 +22,13 @@ def test_an_own_cluster_takes_its_state_folder_with_it(tmp_path, monkeypatch):
     state = tmp_path / "raysys-pool-x"
     (state).mkdir()
     (state / "local-cluster.json").write_text("{}")
+    monkeypatch.setenv("RAYSYS_STATE_DIR", str(state))
     pool = LocalPool()
     pool.own, pool.state_dir = True, str(state)
+    pool._state_dir_before = "/the/users/own"
     pool.close()
     assert stopped == [1] and not state.exists()
+    assert os.environ["RAYSYS_STATE_DIR"] == "/the/users/own"  # restored
 
 
 def test_a_joined_cluster_is_left_alone(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ from raysys.solvers.families import (
     convection_diffusion_matrix,
     darcy_matrix,
     get_family,
+    harmonic_faces,
 )
 
 
@@ -132,6 +133,15 @@ def test_darcy_with_extreme_coefficients_is_the_scaled_unit_matrix(scale):
     unit = darcy_matrix(a / scale)
     assert np.isfinite(A.data).all()
     np.testing.assert_allclose((A / scale).toarray(), unit.toarray(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("p,q", [(1e200, 1e-200), (1e150, 1e-200), (1e160, 1e-160)])
+def test_faces_between_far_apart_coefficients_keep_their_harmonic_mean(p, q):
+    # 2 p q / (p + q) = 2 q / (1 + q / p), about 2 q when q << p, in either order
+    expected = 2 * q / (1 + q / p)
+    for a in (np.array([[p, q]]), np.array([[q, p]])):
+        ax, _ = harmonic_faces(a)
+        np.testing.assert_allclose(ax, [[expected]], rtol=1e-12)
 
 
 def test_a_matrix_that_overflows_is_refused_with_the_coefficient():

@@ -4,6 +4,7 @@ import scipy.sparse.linalg as spla
 
 from raysys.solvers.families import ConvectionDiffusionFamily, DarcyFamily
 from raysys.solvers.krylov import SOLVERS, CountingOperator, KrylovSolver
+from raysys.solvers.worker import SolveSettings
 
 
 def darcy_system(n=12, seed=0):
@@ -154,3 +155,6 @@ def test_iteration_caps_below_one_are_refused(kwargs, message):
     A, _ = darcy_system(4)
     with pytest.raises(ValueError, match=message):
         KrylovSolver(A, "gmres", rtol=1e-3, **kwargs)
+    # and by the run's settings, before any remote task would build a solver
+    with pytest.raises(ValueError, match=message):
+        SolveSettings(**kwargs)
