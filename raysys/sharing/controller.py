@@ -249,6 +249,9 @@ class SharingController:
             return
         if requested_at == p.wish_requested_at:
             return  # the wish already acted on, repeated by a heartbeat
+        # TODO: when Ray's drain list shows the node draining before the
+        # owner's first wish arrives, the leave began with immediate_grace_s and
+        # a longer grace in that wish is not applied (only an earlier end is).
         p.wish_requested_at = requested_at
         # The owner asked again with an earlier end: the owner wins, so the
         # provider goes then; tenants still there resume from their last commit.
