@@ -303,7 +303,14 @@ class ServingFleet:
             ],
         )  # fmt: skip
         slo = SloTargets(ttft_s=self.ttft_slo_s, tpot_s=self.tpot_slo_s)
-        fronts = []
+        fronts, origins = [], []
+
+        def keep(front: Any) -> None:
+            # Flip times count from the front's own clock, which starts once
+            # its instances are up: its zero in wall-clock time.
+            fronts.append(front)
+            origins.append(time.time() - front.now())
+
         started = time.time()
         outcome = run_real(
             window,
@@ -314,7 +321,7 @@ class ServingFleet:
             rate_scale=self.rate_scale,
             arrow=ArrowConfig(**self.arrow),
             profile=profile,
-            on_front=fronts.append,
+            on_front=keep,
         )
         offset = t0 / self.rate_scale  # the window's place in the replayed trace
         for rec in outcome.records:
@@ -324,7 +331,7 @@ class ServingFleet:
             self.records.append(d)
         for flip in outcome.flips:
             d = dataclasses.asdict(flip)
-            d["wall_time"] = started + flip.time_s
+            d["wall_time"] = (origins[0] if origins else started) + flip.time_s
             self.flips.append(d)
         self.num_clipped += outcome.num_clipped
         if self.check_outputs and fronts:

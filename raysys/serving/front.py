@@ -696,6 +696,9 @@ class ServingFront:
         except ray.exceptions.RayTaskError as e:
             self._op_failed(op, str(e.cause if e.cause is not None else e))
             return
+        # TODO: other Ray errors (an exported KV cache lost with its node, say)
+        # escape the event loop and end the whole replay instead of failing
+        # this operation alone.
         self._op_done(op, report)
 
     def _op_done(self, op: _Op, report: InstanceReport) -> None:

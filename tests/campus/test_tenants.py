@@ -84,3 +84,42 @@ def test_moe_tenant_gives_up_after_its_rebuilds(ray_cluster, dying_hosts):
     # tenant builds 1 + HOST_FAULT_RETRIES engines
     assert dying_hosts["raised"] == (tenants.HOST_FAULT_RETRIES + 1) * 6
     assert tenant.engine is None
+
+
+def test_serving_flip_times_are_when_the_flips_happened(ray_cluster, monkeypatch):
+    # A flip's time counts from the front's own clock, which starts once its
+    # instances are up; the tenant's wall-clock times must not run early by
+    # that start-up.
+    import time
+
+    import raysys.serving.front as front_module
+    from raysys.campus.tenants import ServingFleet
+    from raysys.serving.trace import Trace, TraceRequest
+
+    seen = []
+    carry_out, replay = (
+        front_module.ServingFront._carry_out,
+        front_module.ServingFront.replay,
+    )
+
+    def carry_and_note(self, flip):
+        if flip is not None:
+            seen.append(time.time())
+        return carry_out(self, flip)
+
+    def flip_first(self, *args, **kwargs):  # an operator flip: the same path
+        self.flip(0, "decode" if self.roles[0].value == "prefill" else "prefill")
+        return replay(self, *args, **kwargs)
+
+    monkeypatch.setattr(front_module.ServingFront, "_carry_out", carry_and_note)
+    monkeypatch.setattr(front_module.ServingFront, "replay", flip_first)
+    fleet = ServingFleet(
+        num_requests=4, window=4, instances=2, context_tokens=64,
+        instance_cpus=0.25, rate_scale=4.0, check_outputs=False,
+    )  # fmt: skip
+    fleet.trace = Trace(
+        name="t", requests=[TraceRequest(i, 0.2 * i, 10, 4) for i in range(4)]
+    )
+    fleet.step()
+    assert len(fleet.flips) == len(seen) == 1
+    assert fleet.flips[0]["wall_time"] == pytest.approx(seen[0], abs=0.1)
