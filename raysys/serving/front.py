@@ -696,9 +696,11 @@ class ServingFront:
         except ray.exceptions.RayTaskError as e:
             self._op_failed(op, str(e.cause if e.cause is not None else e))
             return
-        # TODO: other Ray errors (an exported KV cache lost with its node, say)
-        # escape the event loop and end the whole replay instead of failing
-        # this operation alone.
+        except ray.exceptions.RayError as e:
+            # Any other Ray fault of this one operation (an exported KV cache
+            # lost with its node, say) fails it alone, retried like the others.
+            self._op_failed(op, f"{type(e).__name__}: {last_line(e)}")
+            return
         self._op_done(op, report)
 
     def _op_done(self, op: _Op, report: InstanceReport) -> None:

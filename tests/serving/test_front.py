@@ -447,3 +447,36 @@ def test_an_instance_that_cannot_start_is_a_clear_error(ray_cluster, tmp_path):
         RaysysError, match="a serving instance failed to start: .*no-checkpoint"
     ):
         ServingFront(ColocatedPolicy(PROFILE, SLO), spec, 2)
+
+
+def test_a_handoff_whose_result_is_lost_retries_only_its_request(
+    arrow_front, model, monkeypatch
+):
+    # The Ray object of one accept (a KV handoff) is lost: that request is
+    # retried, the others are served as they were, nothing escapes the loop.
+    front = arrow_front
+    lost_ref, get = object(), ray.get
+
+    def get_or_lose(ref, *args, **kwargs):
+        if ref is lost_ref:
+            raise ray.exceptions.ObjectLostError("0" * 56, "owner", "accept")
+        return get(ref, *args, **kwargs)
+
+    monkeypatch.setattr(ray, "get", get_or_lose)
+    on_op, hit = ServingFront._on_op, []
+
+    def lose_first_accept(self, ref, op):
+        if op.kind == "accept" and not hit:
+            hit.append(op.key)
+            ref = lost_ref
+        return on_op(self, ref, op)
+
+    monkeypatch.setattr(ServingFront, "_on_op", lose_first_accept)
+    prompts = [prompt(n, seed=900 + n) for n in (20, 40, 60)]
+    ids = submit_all(front, prompts, 900)
+    assert front.run_until_idle(120)
+    assert hit, "no handoff was accepted"
+    outputs = front.outputs()
+    assert [outputs[rid] for rid in ids] == expected_outputs(model, prompts)
+    retries = {rid: front.requests[rid].record.num_retries for rid in ids}
+    assert sorted(retries.values()) == [0, 0, 1]
