@@ -26,7 +26,7 @@ from raysys.runtime import local_cluster
 from raysys.runtime.config import load_config
 from raysys.runtime.entry import exit_on_sigterm, setup_logging
 from raysys.runtime.errors import ClusterError, ConfigError
-from raysys.runtime.ray_env import check_reachable, enable_token_auth
+from raysys.runtime.ray_env import check_reachable, connect_driver, enable_token_auth
 from raysys.runtime.security import token_source
 from raysys.sharing import cli as sharing_cli
 
@@ -112,26 +112,6 @@ def require_token(what: str) -> None:
             "~/.ray/auth_token); restore the token the cluster was started with "
             "(a new one is refused)"
         )
-
-
-def connect_driver(address: str) -> None:
-    """``ray.init`` for a CLI command, keeping SIGTERM as a clean exit.
-
-    Connecting installs Ray's own SIGTERM handler (exit status 15 and a fatal
-    signal report); ours goes back so `raysys` ends with 143 through its
-    ``finally`` blocks.
-
-    Raises:
-        ClusterError: Ray refused the connection (a wrong token, say).
-    """
-    import ray
-
-    try:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-    except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as e:
-        raise ClusterError(f"could not connect to Ray at {address}: {e}") from e
-    finally:
-        exit_on_sigterm()
 
 
 def vanished_nodes(state: local_cluster.ClusterState | None) -> list[str]:

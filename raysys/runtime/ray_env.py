@@ -13,12 +13,13 @@ the machine; the explicit order above never does.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -156,13 +157,7 @@ def init_ray(
     """
     if ray.is_initialized():
         return "initialized"
-    from raysys.runtime.entry import exit_on_sigterm, sigterm_exits
-
-    # Connecting a driver installs Ray's own fatal-signal handler over ours: a
-    # job killed with SIGTERM would then abort without its cleanup (a cluster
-    # it started would keep running), so ours goes back once Ray is up.
-    keep_sigterm_exit = sigterm_exits()
-    try:
+    with _keeping_sigterm_exit():
         return _init_ray(
             namespace=namespace,
             num_cpus=num_cpus,
@@ -170,9 +165,37 @@ def init_ray(
             resources=resources,
             object_store_memory=object_store_memory,
         )
+
+
+@contextlib.contextmanager
+def _keeping_sigterm_exit() -> Iterator[None]:
+    # Connecting a driver installs Ray's own fatal-signal handler over ours: a
+    # process killed with SIGTERM would then abort without its cleanup (a
+    # cluster a job started would keep running), so ours goes back once Ray is up.
+    from raysys.runtime.entry import exit_on_sigterm, sigterm_exits
+
+    keep = sigterm_exits()
+    try:
+        yield
     finally:
-        if keep_sigterm_exit:
+        if keep:
             exit_on_sigterm()
+
+
+def connect_driver(address: str) -> None:
+    """``ray.init`` for a short command-line driver: quiet, no worker logs, and
+    SIGTERM still a clean exit through its ``finally`` blocks.
+
+    Raises:
+        ClusterError: Ray refused the connection (a wrong token, say).
+    """
+    with _keeping_sigterm_exit():
+        try:
+            ray.init(
+                address=address, logging_level=logging.WARNING, log_to_driver=False
+            )
+        except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as e:
+            raise ClusterError(f"could not connect to Ray at {address}: {e}") from e
 
 
 def _init_ray(

@@ -59,14 +59,16 @@ def _uses_auth(state: local_cluster.ClusterState | None) -> bool:
 
 
 def _connect(address: str, state: local_cluster.ClusterState | None) -> None:
-    import ray
-
-    from raysys.runtime.ray_env import check_reachable, enable_token_auth
+    from raysys.runtime.ray_env import (
+        check_reachable,
+        connect_driver,
+        enable_token_auth,
+    )
 
     if _uses_auth(state):
         enable_token_auth()
     check_reachable(address)
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    connect_driver(address)
 
 
 def _provider_nodes(name: str) -> list[dict]:
