@@ -37,7 +37,7 @@ class Config(BaseModel):
     )
 
 
-def _writable_place(path: Path, what: str) -> None:
+def check_writable_place(path: Path, what: str) -> None:
     # The nearest existing folder at or above ``path`` must be a writable
     # folder, so ``path`` can be created there once the work is done.
     probe = path
@@ -78,7 +78,7 @@ def check_output_file(path: Path) -> Path:
         )
     if path.exists() and not os.access(path, os.W_OK):
         raise ValueError(f"output file {str(path)!r} is not writable")
-    _writable_place(path.parent, "output file")
+    check_writable_place(path.parent, "output file")
     return path
 
 
@@ -90,7 +90,7 @@ def check_output_dir(path: Path) -> Path:
     """
     if path.exists() and not path.is_dir():
         raise ValueError(f"output folder {str(path)!r} is a file; give a folder")
-    _writable_place(path, "output folder")
+    check_writable_place(path, "output folder")
     return path
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from raysys.runtime.config import Config, _writable_place
+from raysys.runtime.config import Config, check_writable_place
 from raysys.runtime.errors import ClusterError, ConfigError
 from raysys.runtime.security import warn_if_exposed, warn_if_token_exposed
 
@@ -161,7 +161,7 @@ def check_state_dir() -> Path:
             "RAYSYS_STATE_DIR at a folder"
         )
     try:
-        _writable_place(path, "the cluster state folder")
+        check_writable_place(path, "the cluster state folder")
     except ValueError as e:
         raise ConfigError(f"{e} ({where}); point RAYSYS_STATE_DIR elsewhere") from e
     return path
