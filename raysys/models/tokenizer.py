@@ -7,9 +7,10 @@ decoding the ids of an encoded text gives that text back.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable
 from typing import Any
+
+from raysys.runtime.config import is_whole_number
 
 NUM_BYTE_TOKENS = 256
 BOS_ID = 256
@@ -88,7 +89,7 @@ def check_token_ids(prompt: Any, vocab_size: int) -> list[int]:
     if not tokens:
         raise ValueError("the prompt is empty; give at least one token id")
     for position, token in enumerate(tokens):
-        if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+        if not is_whole_number(token):
             raise ValueError(
                 f"prompt token {position} is {token!r}, not a whole number token id"
             )

@@ -25,7 +25,6 @@ resident; its experts come only from the expert hosts, through the cache.
 from __future__ import annotations
 
 import logging
-import numbers
 import statistics
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -56,6 +55,7 @@ from raysys.moe.speculative import (
 )
 from raysys.moe.store import ExpertCheckpointStore
 from raysys.runtime import Config, ConfigError, init_ray
+from raysys.runtime.config import is_whole_number
 
 logger = logging.getLogger(__name__)
 
@@ -758,11 +758,7 @@ class MoEEngine:
             ConfigError: capacity below one expert, above the model's experts,
                 or (``layer-lru``) below one slot per layer.
         """
-        if (
-            not isinstance(capacity, numbers.Integral)
-            or isinstance(capacity, bool)
-            or not 1 <= capacity <= self.num_experts_total
-        ):
+        if not is_whole_number(capacity) or not 1 <= capacity <= self.num_experts_total:
             raise ConfigError(
                 f"cache capacity must be 1 to {self.num_experts_total} experts (the "
                 f"model's), got {capacity!r}"
@@ -794,11 +790,7 @@ def _check_draft_length(draft_length: object) -> None:
     limits = MoEEngineConfig.model_fields["draft_length"].metadata
     low = next(m.ge for m in limits if hasattr(m, "ge"))
     high = next(m.le for m in limits if hasattr(m, "le"))
-    if (
-        not isinstance(draft_length, numbers.Integral)
-        or isinstance(draft_length, bool)
-        or not low <= draft_length <= high
-    ):
+    if not is_whole_number(draft_length) or not low <= draft_length <= high:
         raise ConfigError(
             f"draft_length must be {low} to {high} tokens, got {draft_length!r}"
         )

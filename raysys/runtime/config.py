@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import numbers
 import os
 import tempfile
 import types
@@ -35,6 +36,11 @@ class Config(BaseModel):
     model_config = ConfigDict(
         extra="forbid", validate_assignment=True, allow_inf_nan=False
     )
+
+
+def is_whole_number(value: object) -> bool:
+    """An integer of any kind (int, numpy, torch via ``numbers``), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_writable_place(path: Path, what: str) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import numbers
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -36,6 +35,7 @@ import torch
 
 from raysys.models.llama import KVCache, KVState, Transformer, decode_step
 from raysys.models.tokenizer import check_token_ids
+from raysys.runtime.config import is_whole_number
 from raysys.runtime.errors import ConfigError, RaysysError
 from raysys.serving.batching import EngineConfig, plan_prefill
 from raysys.serving.policy import InstanceState, Role
@@ -192,11 +192,7 @@ class Engine:
     def _check_new(self, request_id: int, num_tokens: int, max_new_tokens: int) -> None:
         if request_id in self.seqs:
             raise EngineError(f"request {request_id} is already on this engine")
-        if (
-            not isinstance(max_new_tokens, numbers.Integral)
-            or isinstance(max_new_tokens, bool)
-            or max_new_tokens < 1
-        ):
+        if not is_whole_number(max_new_tokens) or max_new_tokens < 1:
             raise EngineError(
                 f"request {request_id}: max_new_tokens={max_new_tokens!r} must be a "
                 "whole number >= 1"

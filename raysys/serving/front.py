@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field
 
 from raysys.models.tokenizer import check_token_ids
+from raysys.runtime.config import is_whole_number
 from raysys.runtime.errors import RaysysError, RemoteTimeout, last_line
 from raysys.serving.engine import EngineLoad, Finished, FirstToken
 from raysys.serving.instance import InstanceReport, InstanceSpec, start_instances
@@ -288,15 +288,11 @@ class ServingFront:
         self, request_id: int, prompt: Sequence[int], max_new_tokens: int
     ) -> list[int]:
         """The prompt's token ids, once the request's arguments are checked."""
-        if isinstance(request_id, bool) or not isinstance(request_id, numbers.Integral):
+        if not is_whole_number(request_id):
             raise ValueError(f"request id {request_id!r} is not a whole number")
         if int(request_id) in self.requests:
             raise ValueError(f"request id {request_id} was already submitted")
-        if (
-            isinstance(max_new_tokens, bool)
-            or not isinstance(max_new_tokens, numbers.Integral)
-            or max_new_tokens < 1
-        ):
+        if not is_whole_number(max_new_tokens) or max_new_tokens < 1:
             raise ValueError(
                 f"request {request_id}: max_new_tokens={max_new_tokens!r} must be a "
                 "whole number >= 1"
@@ -351,11 +347,7 @@ class ServingFront:
             FrontClosed: the front was shut down.
         """
         self._check_open()
-        if (
-            isinstance(instance_id, bool)
-            or not isinstance(instance_id, numbers.Integral)
-            or not 0 <= instance_id < len(self.roles)
-        ):
+        if not is_whole_number(instance_id) or not 0 <= instance_id < len(self.roles):
             raise ValueError(
                 f"instance id {instance_id!r} is not one of 0..{len(self.roles) - 1}"
             )
