@@ -19,8 +19,15 @@ class InstanceResult(BaseModel):
     share alone is ``matvecs_refinement``) and the product the warm-start
     policy needs; ``time_warm_s`` includes post-processing (with the
     refinement's setup), policy and solve; producing the guess (inference
-    share, coarse solve) is ``time_guess_s``. Failed instances carry
-    ``error`` and no numbers.
+    share, coarse solve) is ``time_guess_s``.
+
+    A result with ``error`` failed. When its cold solve ran and only the warm
+    side failed (no guess could be made, for instance because the operator's
+    prediction failed, or the warm solve raised), it keeps the cold solve's
+    numbers (``iterations_cold``, ``matvecs_cold``, ``time_cold_s``,
+    ``residual_cold``, ``threshold``, ``converged_cold``) and has no warm
+    ones; otherwise (refused, timed out, the cold solve failed) it has no
+    numbers. `ok` and `summarise` count only results without an error.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -82,7 +89,10 @@ class SolveSummary(BaseModel):
 
 
 def summarise(results: Sequence[InstanceResult]) -> SolveSummary:
-    """Summary of ``results`` (all of one solver, rtol and guess kind)."""
+    """Summary of ``results`` (all of one solver, rtol and guess kind).
+
+    A result with an error counts as failed, even one that kept its cold solve.
+    """
     done = [r for r in results if r.ok]
     reductions = [
         1.0 - r.matvecs_warm / r.matvecs_cold

@@ -6,11 +6,17 @@
 2. When an operator guess is wanted, the valid instances go, grouped by grid
    size, in batches to one predictor actor (on a GPU when the cluster has one).
 3. Every instance becomes one solve task that depends on its batch's
-   prediction, so solves start as soon as their batch is predicted.
+   prediction, so solves start as soon as their batch is predicted. When a
+   batch's prediction fails (the actor raises or dies), the tasks of its
+   instances fail with it before they run; each is submitted again without
+   the prediction, so its cold solves and the warm solves from the other
+   guesses still run, and only its operator warm solves are reported failed,
+   naming the predictor's error.
 4. Results come back as tasks finish (``ray.wait``), with a progress bar; the
    whole run is bounded by ``timeout_s``, after which unfinished instances are
    cancelled and reported as timed out. A task that dies becomes its
-   instance's error; the others finish.
+   instance's error; the others finish. Within a task, a solve that raises
+   fails only the results that need it (see `raysys.solvers.worker`).
 """
 
 from __future__ import annotations
@@ -150,6 +156,38 @@ def run_solves(
 
     pending: dict[ray.ObjectRef, int] = {}
     queue = [i for i, _ in valid]
+    # instances whose batch's prediction failed: they run without it
+    operator_errors: dict[int, str] = {}
+    batch_errors: dict[ray.ObjectRef, str | None] = {}
+
+    def submit(i: int) -> None:
+        ref, row = predictions[i]
+        error = operator_errors.get(i)
+        if error is not None:
+            ref, row = None, 0
+        task = solve_instance_task.options(**(task_options or {})).remote(
+            instances[i], ref, row, settings, error
+        )
+        pending[task] = i
+
+    def finish(task: ray.ObjectRef) -> bool:
+        """Collect a finished task; False when it must run again without its
+        prediction, which failed (its task failed with it, nothing solved)."""
+        i = pending.pop(task)
+        try:
+            slots[i] = ray.get(task, timeout=60)
+            return True
+        except ray.exceptions.RayError as e:
+            batch = predictions[i][0]
+            if batch is not None and i not in operator_errors:
+                error = _prediction_error(batch, batch_errors)
+                if error is not None:
+                    operator_errors[i] = error
+                    queue.insert(0, i)
+                    return False
+            slots[i] = _task_failed(e, instances[i], settings)
+            return True
+
     limit = max_in_flight or len(queue) or 1
     bar = tqdm(
         total=len(instances), desc="solves", disable=not progress, unit="instance"
@@ -159,27 +197,18 @@ def run_solves(
     try:
         while queue or pending:
             while queue and len(pending) < limit:
-                i = queue.pop(0)
-                ref, row = predictions[i]
-                task = solve_instance_task.options(**(task_options or {})).remote(
-                    instances[i], ref, row, settings
-                )
-                pending[task] = i
+                submit(queue.pop(0))
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 break
             done, _ = ray.wait(list(pending), num_returns=1, timeout=remaining)
-            for ref in done:
-                i = pending.pop(ref)
-                slots[i] = _collect(ref, instances[i], settings)
-                bar.update(1)
+            for task in done:
+                bar.update(finish(task))
         if pending:
             # tasks that finished while the bound ran out are kept, not cancelled
             done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
-            for ref in done:
-                i = pending.pop(ref)
-                slots[i] = _collect(ref, instances[i], settings)
-                bar.update(1)
+            for task in done:
+                bar.update(finish(task))
     finally:
         bar.close()
     for ref, i in pending.items():
@@ -212,14 +241,37 @@ def run_solves(
     )
 
 
-def _collect(
-    ref: ray.ObjectRef, inst: Instance, settings: SolveSettings
+def _task_failed(
+    e: ray.exceptions.RayError, inst: Instance, settings: SolveSettings
 ) -> list[InstanceResult]:
-    try:
-        return ray.get(ref, timeout=60)
-    except ray.exceptions.RayError as e:
-        logger.warning("instance %s: its solve task failed: %s", inst.name, e)
-        cause = getattr(e, "cause", None) or e
-        return failed_results(
-            inst.name, settings, f"task failed: {type(cause).__name__}: {cause}"
-        )
+    logger.warning("instance %s: its solve task failed: %s", inst.name, e)
+    cause = getattr(e, "cause", None) or e
+    return failed_results(
+        inst.name, settings, f"task failed: {type(cause).__name__}: {cause}"
+    )
+
+
+def _prediction_error(
+    batch: ray.ObjectRef, known: dict[ray.ObjectRef, str | None]
+) -> str | None:
+    """Why ``batch``'s prediction failed, or None when it did not (or is not done).
+
+    ``known`` caches the answers, so each failed batch is logged once.
+    """
+    if batch not in known:
+        ready, _ = ray.wait([batch], timeout=0)
+        if not ready:
+            return None
+        try:
+            ray.get(batch, timeout=0)
+            known[batch] = None
+        except ray.exceptions.RayError as e:
+            logger.warning("a prediction batch failed: %s", e)
+            cause = getattr(e, "cause", None)
+            if isinstance(e, ray.exceptions.RayTaskError) and cause is not None:
+                what = f"{type(cause).__name__}: {cause}"
+            else:  # a system error (the actor died): its first line says what
+                first = next(iter(str(e).strip().splitlines()), "")
+                what = f"{type(e).__name__}: {first}"
+            known[batch] = f"the predictor failed on its batch: {what}"
+    return known[batch]
