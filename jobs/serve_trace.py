@@ -224,6 +224,7 @@ def run(cfg: ServeTraceConfig) -> ServeTraceReport:
             num_cpus=cfg.real_num_cpus,
             num_gpus=cfg.real_num_gpus,
             max_step_tokens=cfg.real_max_step_tokens,
+            mixed_step_limit_s=cfg.engine.mixed_step_limit_s,
             seed=cfg.seed,
         )
         init_ray()

@@ -37,8 +37,9 @@ from raysys.models.llama import KVCache, KVState, Transformer, decode_step
 from raysys.models.tokenizer import check_token_ids
 from raysys.runtime.config import is_whole_number
 from raysys.runtime.errors import ConfigError, RaysysError
-from raysys.serving.batching import EngineConfig, plan_prefill
+from raysys.serving.batching import EngineConfig, MixedStepBudget, plan_prefill
 from raysys.serving.policy import InstanceState, Role
+from raysys.serving.profile import LatencyProfile
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,10 @@ class Seq:
     @property
     def remaining(self) -> int:
         return len(self.prompt) - self.num_prefilled
+
+    @property
+    def done(self) -> int:
+        return self.num_prefilled
 
     @property
     def kv_tokens(self) -> int:
@@ -155,6 +160,8 @@ class Engine:
         kv_capacity_tokens: KV tokens the engine may hold at once.
         stop_ids: token ids that end a request (unless it ignores them).
         clock: time source for event timestamps.
+        profile: the engine's latency profile; needed (and only used) when
+            ``config.mixed_step_limit_s`` cuts prompt chunks to fit a step time.
     """
 
     def __init__(
@@ -165,11 +172,18 @@ class Engine:
         kv_capacity_tokens: int = 65536,
         stop_ids: Sequence[int] = (),
         clock=time.monotonic,
+        profile: LatencyProfile | None = None,
     ) -> None:
         if kv_capacity_tokens < 1:
             raise ConfigError(f"kv_capacity_tokens={kv_capacity_tokens} must be >= 1")
         self.model = model
         self.config = config or EngineConfig()
+        if self.config.mixed_step_limit_s is not None and profile is None:
+            raise ConfigError(
+                f"mixed_step_limit_s={self.config.mixed_step_limit_s} needs the "
+                "engine's latency profile (measure_profile or a profile file)"
+            )
+        self.profile = profile
         self.kv_capacity_tokens = kv_capacity_tokens
         self.stop_ids = frozenset(stop_ids)
         self.clock = clock
@@ -338,7 +352,15 @@ class Engine:
 
         # 2. prompt chunks fill the rest of the token budget.
         free = self.kv_capacity_tokens - self.kv_used_tokens
-        chunks = plan_prefill(self.prefill_queue, len(self.running), free, self.config)
+        budget = MixedStepBudget.for_step(
+            self.config,
+            self.profile,
+            sum(s.context_tokens for s in self.running),
+            len(self.running),
+        )
+        chunks = plan_prefill(
+            self.prefill_queue, len(self.running), free, self.config, budget
+        )
         decoding = list(self.running)
         if chunks:
             events += self._prefill(chunks)
@@ -486,7 +508,10 @@ def measure_profile(
         # the quadratic fit needs three.
         lengths = sorted({max(1, round(limit * f)) for f in (0.25, 0.5, 1.0)})
     contexts = sorted({min(n, limit) for n in context_tokens if n >= 1})
-    engine_config = config or EngineConfig()
+    # Steps are timed whole: a mixed-step time limit would cut the prompts.
+    engine_config = (config or EngineConfig()).model_copy(
+        update={"mixed_step_limit_s": None}
+    )
     generator = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
 

@@ -38,6 +38,7 @@ from raysys.runtime.errors import RaysysError
 from raysys.serving.batching import EngineConfig
 from raysys.serving.engine import Engine, EngineError, EngineEvent, EngineLoad, Handoff
 from raysys.serving.policy import Role
+from raysys.serving.profile import LatencyProfile
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ class ServingInstance:
         kv_capacity_tokens: int,
         num_threads: int = 1,
         order_timeout_s: float = 30.0,
+        profile: LatencyProfile | None = None,
     ) -> None:
         torch.set_num_threads(num_threads)
         self.instance_id = instance_id
@@ -147,6 +149,7 @@ class ServingInstance:
             kv_capacity_tokens=kv_capacity_tokens,
             stop_ids=model.config.stop_token_ids,
             clock=time.time,
+            profile=profile,
         )
         self.order_timeout_s = order_timeout_s
         self.inbox: queue.Queue[_Order] = queue.Queue()
@@ -364,6 +367,11 @@ class InstanceSpec(BaseModel):
     max_concurrency: int = Field(
         8, ge=2, description="concurrent calls an actor serves (orders + long polls)"
     )
+    profile: LatencyProfile | None = Field(
+        None,
+        description="latency profile of an instance; needed when "
+        "engine.mixed_step_limit_s cuts prompt chunks to a step time",
+    )
 
 
 def start_instances(spec: InstanceSpec, roles: list[Role]) -> list[Any]:
@@ -382,6 +390,7 @@ def start_instances(spec: InstanceSpec, roles: list[Role]) -> list[Any]:
             spec.engine,
             spec.kv_capacity_tokens,
             spec.num_threads,
+            profile=spec.profile,
         )
         for i, role in enumerate(roles)
     ]

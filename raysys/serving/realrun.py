@@ -46,6 +46,12 @@ class RealRunSettings(BaseModel):
     max_num_seqs: int = Field(64, ge=1, description="decode batch limit")
     seed: int = Field(0, description="seed of the weights and the prompts")
     request_timeout_s: float = Field(120.0, gt=0, description="per-request bound")
+    mixed_step_limit_s: float | None = Field(
+        None,
+        gt=0,
+        description="predicted time a step holding decodes may take (prompt chunks "
+        "cut to fit, by the profile the policy uses); None: no limit",
+    )
 
     def source(self) -> ModelSource:
         return ModelSource(
@@ -56,7 +62,9 @@ class RealRunSettings(BaseModel):
 
     def engine(self) -> EngineConfig:
         return EngineConfig(
-            max_step_tokens=self.max_step_tokens, max_num_seqs=self.max_num_seqs
+            max_step_tokens=self.max_step_tokens,
+            max_num_seqs=self.max_num_seqs,
+            mixed_step_limit_s=self.mixed_step_limit_s,
         )
 
 
@@ -156,6 +164,7 @@ def run_real(
         kv_capacity_tokens=settings.kv_capacity_tokens,
         num_cpus=settings.num_cpus,
         num_gpus=settings.num_gpus,
+        profile=profile,
     )
     front = ServingFront(
         policy,

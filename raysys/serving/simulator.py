@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from raysys.runtime.errors import ConfigError
-from raysys.serving.batching import EngineConfig, plan_prefill
+from raysys.serving.batching import EngineConfig, MixedStepBudget, plan_prefill
 from raysys.serving.metrics import FlipEvent, RequestRecord, summarize
 from raysys.serving.policy import (
     Dispatch,
@@ -313,7 +313,12 @@ class Simulator:
 
         # 2. the rest of the token budget goes to queued prompts, in order.
         free = inst.profile.kv_capacity_tokens - inst.kv_used
-        chunks = plan_prefill(inst.prefill_queue, len(inst.running), free, self.engine)
+        budget = MixedStepBudget.for_step(
+            self.engine, inst.profile, inst.batch_tokens, len(inst.running)
+        )
+        chunks = plan_prefill(
+            inst.prefill_queue, len(inst.running), free, self.engine, budget
+        )
         for job, _ in chunks:
             if not job.admitted:
                 inst.kv_used += job.kv_tokens

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from raysys.models.llama import greedy_generate
+from raysys.runtime.errors import ConfigError
 from raysys.serving.batching import EngineConfig
 from raysys.serving.engine import (
     Engine,
@@ -16,6 +17,7 @@ from raysys.serving.engine import (
     measure_profile,
 )
 from raysys.serving.instance import ModelSource
+from raysys.serving.profile import LatencyProfile
 
 torch.set_num_threads(1)
 
@@ -368,3 +370,44 @@ def test_model_source_refuses_unknown_dtypes_and_devices(field, value):
     with pytest.raises(ValidationError, match=field):
         ModelSource(**{field: value})
     assert ModelSource(device="cuda:1").device == "cuda:1"
+
+
+def test_mixed_step_limit_cuts_prompt_chunks_beside_decodes(model):
+    # Per-token prefill cost 2^-10 s and a fixed cost of 2^-7 s, no decode
+    # cost: a step holding decodes within 2^-7 + 40 x 2^-10 s takes exactly 40
+    # prompt tokens; a step without decodes takes the whole token budget.
+    profile = LatencyProfile(
+        name="hand",
+        prefill_s_per_token_sq=0.0,
+        prefill_s_per_token=2**-10,
+        prefill_overhead_s=2**-7,
+        decode_s_per_batch_token=0.0,
+        decode_s_per_seq=0.0,
+        decode_overhead_s=2**-7,
+        kv_capacity_tokens=65536,
+        kv_bytes_per_token=1,
+        kv_transfer_bytes_per_s=1.0,
+    )
+    config = EngineConfig(max_step_tokens=256, mixed_step_limit_s=2**-7 + 40 * 2**-10)
+    a, b = prompt(20, 7), prompt(129, 8)
+    expected = {
+        0: tuple(greedy_generate(model, a, 30, stop_ids=())),
+        1: tuple(greedy_generate(model, b, 5, stop_ids=())),
+    }
+    engine = Engine(model, config, profile=profile)
+    engine.add_prefill(0, a, 30, ignore_eos=True)
+    (first,) = engine.step()  # a alone: no decodes, all 20 tokens at once
+    assert isinstance(first, FirstToken)
+    engine.continue_here(0)
+    engine.add_prefill(1, b, 5, ignore_eos=True)
+    seq_b = engine.seqs[1]
+    progress = []
+    while seq_b.num_prefilled < 129:
+        engine.step()
+        progress.append(seq_b.num_prefilled)
+    assert progress == [40, 80, 120, 129]
+    engine.continue_here(1)
+    outputs = drain(engine)
+    assert outputs == expected
+    with pytest.raises(ConfigError, match="mixed_step_limit_s=0.046875 needs"):
+        Engine(model, config)

@@ -480,3 +480,21 @@ def test_a_handoff_whose_result_is_lost_retries_only_its_request(
     assert [outputs[rid] for rid in ids] == expected_outputs(model, prompts)
     retries = {rid: front.requests[rid].record.num_retries for rid in ids}
     assert sorted(retries.values()) == [0, 0, 1]
+
+
+def test_instances_cut_chunks_to_a_step_time_with_the_profile_given(ray_cluster, model):
+    # The profile travels with the spec to every actor; with a step time limit
+    # the prompt chunks beside decodes shrink, and the outputs stay the same.
+    engine = SPEC.engine.model_copy(update={"mixed_step_limit_s": 0.0025})
+    spec = SPEC.model_copy(update={"engine": engine, "profile": PROFILE})
+    prompts = [prompt(n, seed=900 + n) for n in LENGTHS]
+    front = ServingFront(ColocatedPolicy(PROFILE, SLO), spec, 1)
+    try:
+        assert front.generate(prompts, NEW_TOKENS) == expected_outputs(model, prompts)
+    finally:
+        front.shutdown()
+    without = spec.model_copy(update={"profile": None})
+    with pytest.raises(
+        RaysysError, match="failed to start: .*mixed_step_limit_s=0.0025 needs"
+    ):
+        ServingFront(ColocatedPolicy(PROFILE, SLO), without, 1)

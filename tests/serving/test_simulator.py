@@ -326,3 +326,49 @@ def test_colocated_pool_of_one_or_many_serves_a_lone_request_alone(num_instances
     assert record.ttft_s == pytest.approx(PROFILE.prefill_time_s(100))
     assert record.finish_s - record.first_token_s == pytest.approx(decode_time(100, 5))
     assert record.prefill_instance == record.decode_instance == 0
+
+
+@pytest.mark.parametrize("limit", [0.2, 0.005])
+def test_mixed_step_limit_cuts_prompt_chunks_beside_decodes(limit):
+    # A decodes alone; B's 1000-token prompt arrives mid-way on the same
+    # instance. With the limit each shared step takes only the prompt tokens
+    # that fit (at least one), so B's prefill spreads over several steps.
+    trace = trace_of((0.0, 100, 200), (0.5, 1000, 1))
+    engine = EngineConfig(mixed_step_limit_s=limit)
+    result = simulate(
+        lambda: ColocatedPolicy(PROFILE, SLO),
+        PROFILE,
+        trace,
+        num_instances=1,
+        engine=engine,
+    )
+
+    def work(n: int, done: int) -> float:
+        return 1e-7 * ((done + n) ** 2 - done**2) + 1e-3 * n
+
+    # A's prefill, then its lone decode steps until B arrives.
+    t = 0.02 + work(100, 0)
+    ctx, decoded = 101, 1
+    while t < 0.5:
+        t += 0.01 + 1e-5 * ctx + 1e-4
+        ctx, decoded = ctx + 1, decoded + 1
+    # Shared steps: B takes the most tokens within the limit, at least one.
+    done = 0
+    while done < 1000:
+        if decoded < 200:
+            decode = 1e-5 * ctx + 1e-4
+            seconds = limit - 0.02 - decode
+            n = 0
+            while n < 1000 - done and work(n + 1, done) <= seconds:
+                n += 1
+            n = max(n, 1)
+            t += 0.02 + work(n, done) + decode
+            ctx, decoded = ctx + 1, decoded + 1
+        else:  # A has finished: no decodes, no limit
+            n = 1000 - done
+            t += 0.02 + work(n, done)
+        done += n
+    b = result.records[1]
+    assert b.ttft_s == pytest.approx(t - 0.5, rel=1e-9)
+    lone_step = 0.02 + work(1000, 0)
+    assert b.ttft_s > lone_step
