@@ -202,9 +202,15 @@ def main(cfg: NowsSolveConfig) -> None:
     )
     print_summary(report, out, plot_path)
     if summary.num_failed == summary.num_instances:
+        num_cold = sum(r.iterations_cold is not None for r in outcome.results)
+        kept = (
+            f"; the {num_cold} cold solves that ran are in the report"
+            if num_cold
+            else ""
+        )
         raise RaysysError(
-            f"none of the {summary.num_instances} instances was solved (see "
-            f"the errors above and in {out})"
+            f"none of the {summary.num_instances} instances was solved both ways "
+            f"(see the errors above and in {out}){kept}"
         )
 
 

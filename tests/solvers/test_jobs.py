@@ -234,7 +234,9 @@ def test_solve_job_fails_when_no_instance_was_solved_but_writes_the_report(
         "--out", str(out),
     ]  # fmt: skip
     assert run_job(job.NowsSolveConfig, job.main, argv) == 1
-    assert "error: none of the 2 instances was solved" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error: none of the 2 instances was solved both ways" in err
+    assert "cold solves that ran" not in err  # refused: none ran
     report = json.loads(out.read_text())
     assert report["summary"]["num_failed"] == 2
     assert all("must be positive" in r["error"] for r in report["instances"])
