@@ -106,9 +106,13 @@ class ProviderAgent:
                 self.wish["ends_at"] - now,
             )
             return dict(self.wish)
+        # Ray's drain deadline is when the machine goes: the end of the grace
+        # when the owner gives no deadline. The controller never lets an owner's
+        # end pass the drain's deadline (it reads that when the drain arrives
+        # before this wish), so it must not say "now" for a grace.
         deadline_at = drain_node(
             self.node_id,
-            deadline_s=deadline_s if deadline_s is not None else 0.0,
+            deadline_s=window_s,
             reason=f"owner of provider {self.provider} reclaims it",
         )
         self.wish = {

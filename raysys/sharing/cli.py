@@ -214,20 +214,22 @@ def cmd_leave(argv: Sequence[str]) -> int:
         node = _alive_node(name)
         if node is None:
             raise ClusterError(f"no live provider named {name!r} in the cluster")
+        window = args.deadline if args.deadline is not None else args.grace
         try:
             agent = find_agent(name)
             bounded_get(
                 agent.leave.remote(args.deadline, args.grace), 30, f"agent of {name}"
             )
         except (ClusterError, RemoteTimeout, ray.exceptions.RayActorError) as e:
-            # No agent to ask (or it ended while asked): drain through Ray directly.
+            # No agent to ask (or it ended while asked): drain through Ray
+            # directly. Its deadline is all the controller hears, so it carries
+            # the grace too.
             logger.warning("%s; draining the node directly", e)
             drain_node(
                 node["NodeID"],
-                deadline_s=args.deadline or 0.0,
+                deadline_s=window,
                 reason=f"owner of provider {name} reclaims it",
             )
-        window = args.deadline if args.deadline is not None else args.grace
         print(f"provider {name} is leaving; tenants move off within {window:g} s")
         deadline = time.monotonic() + window + LEAVE_MARGIN_S
         while _alive_node(name) is not None and time.monotonic() < deadline:

@@ -94,6 +94,11 @@ class _Provider:
     leave_started: bool = False
     # `requested_at` of the owner's wish acted on: every heartbeat repeats it.
     wish_requested_at: float | None = None
+    # The leave began from Ray's list of draining nodes and no wish of the
+    # owner has been acted on yet; `drain_deadline_at` is that drain's deadline
+    # (None: the drain gave none).
+    awaiting_owner_wish: bool = False
+    drain_deadline_at: float | None = None
     reason: str = ""
     agent: Any = None
 
@@ -247,11 +252,15 @@ class SharingController:
                 grace_s=wish.get("grace_s"),
             )
             return
+        if p.awaiting_owner_wish:
+            # Ray's drain list began the leave before this, the owner's first
+            # wish, arrived: the owner's end applies, later or earlier.
+            p.awaiting_owner_wish = False
+            p.wish_requested_at = requested_at
+            self._apply_first_wish(p, wish)
+            return
         if requested_at == p.wish_requested_at:
             return  # the wish already acted on, repeated by a heartbeat
-        # TODO: when Ray's drain list shows the node draining before the
-        # owner's first wish arrives, the leave began with immediate_grace_s and
-        # a longer grace in that wish is not applied (only an earlier end is).
         p.wish_requested_at = requested_at
         # The owner asked again with an earlier end: the owner wins, so the
         # provider goes then; tenants still there resume from their last commit.
@@ -267,6 +276,50 @@ class SharingController:
                 p.leave_deadline_at - ends_at,
             )
             p.leave_deadline_at = ends_at
+
+    def _apply_first_wish(self, p: _Provider, wish: dict) -> None:
+        """The owner's first wish, arriving after Ray's drain began the leave.
+
+        The owner's end (its deadline, else the end of its grace) replaces the
+        one the drain gave, later or earlier, but never goes past the drain's
+        own deadline: Ray was told the node is gone then. Tenants not moving
+        yet are planned again with the time that leaves, so a tenant that had
+        too little notice to checkpoint under the drain's end checkpoints and
+        moves now. The repeats of this wish in later heartbeats change nothing;
+        a new wish after it only moves the end earlier, as for any leave.
+        """
+        end, is_deadline = _owner_end(wish)
+        if end is None:
+            return  # a wish naming no end: the drain's end stands
+        if p.drain_deadline_at is not None and end > p.drain_deadline_at:
+            end, is_deadline = p.drain_deadline_at, True
+        now = time.time()
+        logger.info(
+            "provider %s: its owner's wish arrived after Ray's drain; the leave "
+            "ends in %.1f s instead of %.1f s",
+            p.name,
+            end - now,
+            (p.leave_deadline_at or now) - now,
+        )
+        p.leave_deadline_at = end
+        p.reason = "its owner asked to leave (after Ray's drain)"
+        left_s = max(0.0, end - now)
+        for ev in self.policy.reclaim(
+            p.name,
+            now=now,
+            deadline_s=left_s if is_deadline else None,
+            grace_s=None if is_deadline else left_s,
+        ):
+            w = self.workloads[ev.workload_id]
+            # A tenant stopping already gets the new end through `_evacuate`;
+            # one starting there is planned when its start answers.
+            if (
+                ev.action is MigrationAction.CHECKPOINT_AND_MOVE
+                and w.state == "running"
+                and not w.busy
+                and w.provider == p.name
+            ):
+                self._spawn(self._evacuate(w, ev))
 
     def _discover(self, now: float) -> None:
         nodes = ray.nodes()
@@ -287,6 +340,7 @@ class SharingController:
             elif p.node_id in draining and not p.leave_started:
                 deadline_at = draining[p.node_id]
                 self._begin_leave(p, deadline_at, "Ray is draining its node")
+                p.awaiting_owner_wish, p.drain_deadline_at = True, deadline_at
         # arrivals
         for node_id, (name, node) in alive.items():
             if node_id in self.left_nodes or node_id in draining:
@@ -431,13 +485,24 @@ class SharingController:
         w.pending = record  # a sudden loss meanwhile completes this record
         self._migration_attempted("graceful")
         bound = max(0.5, min(self.config.stop_timeout_s, ev.time_left_s))
+        stop_started = time.monotonic()
         answer = None
         try:
-            answer = await self._bounded(
-                w.runner.checkpoint_and_stop.remote(bound),
-                bound + 2.0,
-                "checkpoint-and-stop",
-            )
+            while True:
+                answer = await self._bounded(
+                    w.runner.checkpoint_and_stop.remote(bound),
+                    bound + 2.0,
+                    "checkpoint-and-stop",
+                )
+                if answer["state"] != "stopping" or w.epoch != epoch:
+                    break
+                # The bound ran out with the step still running. When the end
+                # moved later meanwhile (the owner's first wish after Ray's
+                # drain) the stop may use that time, up to stop_timeout_s in all.
+                bound = self._more_stop_time(ev.provider, stop_started)
+                if bound < 0.5:
+                    break
+                self._absorb(w, answer)  # its metrics are handed over once
         except (RemoteTimeout, *RAY_DEATH_ERRORS) as e:
             record.fell_back = True
             record.note = (
@@ -473,6 +538,16 @@ class SharingController:
         w.epoch += 1
         w.pending, w.provider, w.state = record, None, "queued"
         self.policy.requeue(w.wid, now=time.time(), reason=f"moved off {ev.provider}")
+
+    def _more_stop_time(self, provider: str, stop_started: float) -> float:
+        """Seconds a stop that began at ``stop_started`` (monotonic) may still take."""
+        left = self._time_left(provider)
+        if left is None:
+            return 0.0
+        spent = time.monotonic() - stop_started
+        return min(
+            self.config.stop_timeout_s - spent, self.policy.migration.time_left(left)
+        )
 
     def _sudden(self, w: _Workload, ev: Evacuation) -> None:
         """Sudden migration: the runner is gone; resume from the last commit."""
@@ -601,8 +676,13 @@ class SharingController:
             return None
         return max(0.0, p.leave_deadline_at - time.time())
 
-    # TODO: lost steps count from the last polled step; steps a runner finished
-    # after its last poll and before a sudden loss are redone but not counted.
+    # TODO: lost steps count from the last polled step, so they are a lower
+    # bound: steps a runner finished after its last poll and before a sudden
+    # loss are redone but not counted. Nothing that outlives the runner knows
+    # how far it got: the next runner knows only the commit it restores, the
+    # store holds only commits. Counting exactly would need a durable record
+    # of every finished step (a store write per step, the step being written
+    # still uncounted when the machine goes mid-write).
     def _resumed(
         self, w: _Workload, record: MigrationRecord, step: int, provider: str
     ) -> None:
@@ -928,6 +1008,19 @@ class SharingController:
             _kill(p.agent)
         for task in list(self._tasks):
             task.cancel()
+
+
+def _owner_end(wish: dict) -> tuple[float | None, bool]:
+    """The end an owner's wish asks for, and whether it is a deadline (else the
+    end of a grace); None when the wish names neither."""
+    if wish.get("deadline_at") is not None:
+        return float(wish["deadline_at"]), True
+    if wish.get("ends_at") is not None:
+        return float(wish["ends_at"]), False
+    grace_s, requested_at = wish.get("grace_s"), wish.get("requested_at")
+    if grace_s is not None and grace_s > 0 and requested_at is not None:
+        return float(requested_at) + float(grace_s), False
+    return None, False
 
 
 def _kill(handle) -> None:

@@ -268,13 +268,17 @@ class WorkloadRunner:
         Waits at most ``timeout_s`` for the stepping thread. Returns the final
         `poll` answer; ``state`` is ``"stopped"`` (or ``"done"`` / ``"failed"``
         when the workload ended first, or ``"stopping"`` when the bound ran out).
+        After ``"stopping"`` the call may be repeated: it waits again and
+        reports how the stop ended.
         """
         self._checkpoint_on_stop = True
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=max(0.0, timeout_s))
             if self._thread.is_alive():
-                self.state = "stopping"
+                # Reported, not stored: the stepping thread records how it
+                # ends, and a thread ending right now must not be overwritten.
+                return dict(self.poll(), state="stopping")
         elif self.state == "running":
             self.state = "stopped"
         return self.poll()

@@ -107,3 +107,27 @@ def test_a_raising_step_is_reported_as_failed(ray_cluster, tmp_path):
         ray.kill(runner)
     assert answer["state"] == "failed" and answer["step"] == 3
     assert "RuntimeError: deliberate failure at step 4" in answer["error"]
+
+
+def test_a_stop_whose_bound_ran_out_can_be_asked_again(ray_cluster, tmp_path):
+    runner = RemoteRunner.options(num_gpus=0).remote(
+        spec("long", 10_000, every=1000),
+        Counter,
+        (),
+        {"step_delay_s": 4.0},
+        str(tmp_path),
+        3,
+        0,
+    )
+    try:
+        assert ray.get(runner.start.remote(), timeout=60)["resumed_step"] == 0
+        # A step takes 4 s: a 0.1 s bound runs out while it runs.
+        first = ray.get(runner.checkpoint_and_stop.remote(0.1), timeout=20)
+        again = ray.get(runner.checkpoint_and_stop.remote(30.0), timeout=40)
+    finally:
+        ray.kill(runner)
+    assert first["state"] == "stopping" and first["step"] == 0
+    assert again["state"] == "stopped" and again["step"] == 1
+    assert again["last_checkpoint_step"] == 1
+    saved = CheckpointStore(str(tmp_path)).tenant("alice").latest("long")
+    assert saved.step == 1 and saved.state == {"value": 1, "num_steps": 1}
