@@ -55,6 +55,7 @@ class EngineConfig(BaseModel):
     mixed_step_limit_s: float | None = Field(
         None,
         gt=0,
+        allow_inf_nan=False,
         description="predicted time a step holding decodes may take: prompt chunks "
         "are cut to fit (needs the instance's latency profile); None: the whole "
         "token budget",
@@ -123,15 +124,17 @@ class MixedStepBudget:
         ``remaining``) whose chunk fits the seconds left."""
         a = self.profile.prefill_s_per_token_sq
         b = self.profile.prefill_s_per_token
-        # a·((done + n)² − done²) + b·n <= seconds, solved for n.
+        # a·((done + n)² − done²) + b·n <= seconds, solved for n in the form
+        # that does not subtract nearly equal numbers (a tiny beside b).
         lin = 2 * a * done + b
-        if a > 0:
-            n = (math.sqrt(lin * lin + 4 * a * self.seconds) - lin) / (2 * a)
-        elif lin > 0:
-            n = self.seconds / lin
+        if lin > 0:
+            n = 2 * self.seconds / (math.sqrt(lin * lin + 4 * a * self.seconds) + lin)
+        elif a > 0:
+            n = math.sqrt(self.seconds / a)
         else:
             return remaining
-        n = min(remaining, math.floor(n * (1 + 1e-12)))
+        # Capped before rounding: n is inf where the chunk is nearly free.
+        n = min(remaining, math.floor(min(n, remaining) * (1 + 1e-12)))
         # Rounding may overshoot by a hair; step back until the chunk fits.
         while n > 0 and self.profile.prefill_work_s(n, done) > self.seconds:
             n -= 1

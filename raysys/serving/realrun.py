@@ -49,6 +49,7 @@ class RealRunSettings(BaseModel):
     mixed_step_limit_s: float | None = Field(
         None,
         gt=0,
+        allow_inf_nan=False,
         description="predicted time a step holding decodes may take (prompt chunks "
         "cut to fit, by the profile the policy uses); None: no limit",
     )

@@ -97,3 +97,47 @@ def test_without_a_time_budget_the_token_budget_alone_applies():
 def test_a_prompt_without_kv_room_blocks_those_behind_it():
     queue = [Slot(10, kv_tokens=600), Slot(10, kv_tokens=100)]
     assert plan_prefill(queue, 0, 500, EngineConfig()) == []
+
+
+def linear_profile(a: float, b: float) -> LatencyProfile:
+    return PROFILE.model_copy(
+        update={"prefill_s_per_token_sq": a, "prefill_s_per_token": b}
+    )
+
+
+@pytest.mark.parametrize(
+    ("seconds", "done", "expected"),
+    [(0.05, 0, 499), (0.0371, 0, 370), (0.0371, 4000, 370), (0.0123, 0, 122)],
+)
+def test_time_budget_keeps_its_tokens_when_the_square_term_is_tiny(
+    seconds, done, expected
+):
+    # A fit of nearly linear prefill times leaves a ~1e-22 beside b = 1e-4:
+    # the chunk costs 1e-4 s a token, so 0.05 s holds 499 tokens (500 cost a
+    # hair over 0.05 s in floating point), 0.0371 s 370 and 0.0123 s 122.
+    budget = MixedStepBudget(seconds, linear_profile(1e-22, 1e-4))
+    assert budget.tokens(done, 1000) == expected
+
+
+def test_time_budget_of_a_nearly_free_chunk_takes_all_it_may():
+    # seconds / b overflows to inf: every remaining token fits.
+    assert MixedStepBudget(1.0, linear_profile(0.0, 1e-310)).tokens(0, 300) == 300
+    assert MixedStepBudget(1.0, linear_profile(1e-300, 0.0)).tokens(7, 300) == 300
+
+
+@pytest.mark.parametrize(("seconds", "expected"), [(0.0, 0), (0.01, 316), (0.1, 1000)])
+def test_time_budget_of_a_prompt_start_without_a_linear_term(seconds, expected):
+    # b = 0 and nothing prefilled: n² x 1e-7 s <= seconds, n = floor(sqrt(s / a)).
+    budget = MixedStepBudget(seconds, linear_profile(1e-7, 0.0))
+    assert budget.tokens(0, 1000) == expected
+
+
+def test_an_infinite_step_limit_is_refused():
+    from pydantic import ValidationError
+
+    from raysys.serving.realrun import RealRunSettings
+
+    with pytest.raises(ValidationError, match="finite number"):
+        EngineConfig(mixed_step_limit_s=float("inf"))
+    with pytest.raises(ValidationError, match="finite number"):
+        RealRunSettings(mixed_step_limit_s=float("inf"))
