@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import ray
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from raysys.runtime.errors import RaysysError
 from raysys.serving.batching import EngineConfig
@@ -372,6 +372,16 @@ class InstanceSpec(BaseModel):
         description="latency profile of an instance; needed when "
         "engine.mixed_step_limit_s cuts prompt chunks to a step time",
     )
+
+    @model_validator(mode="after")
+    def _limit_has_a_profile(self) -> InstanceSpec:
+        limit = self.engine.mixed_step_limit_s
+        if limit is not None and self.profile is None:
+            raise ValueError(
+                f"engine.mixed_step_limit_s={limit} needs the instances' latency "
+                "profile (InstanceSpec.profile)"
+            )
+        return self
 
 
 def start_instances(spec: InstanceSpec, roles: list[Role]) -> list[Any]:

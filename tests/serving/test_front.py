@@ -493,6 +493,9 @@ def test_instances_cut_chunks_to_a_step_time_with_the_profile_given(ray_cluster,
         assert front.generate(prompts, NEW_TOKENS) == expected_outputs(model, prompts)
     finally:
         front.shutdown()
+    with pytest.raises(ValueError, match="mixed_step_limit_s=0.0025 needs"):
+        InstanceSpec(engine=engine)
+    # A spec copied without validation still fails at the actor, alone.
     without = spec.model_copy(update={"profile": None})
     with pytest.raises(
         RaysysError, match="failed to start: .*mixed_step_limit_s=0.0025 needs"
