@@ -322,11 +322,21 @@ def _parse_set(item: str) -> tuple[str, Any]:
             f"--set {item!r}: expected KEY=VALUE, for example --set a.b=3"
         )
     key, raw = item.split("=", 1)
+    # JSON for numbers, true/false/null, quoted strings, lists and objects; a
+    # YAML flow list or mapping (``[a, b]``, ``{k: v}``); anything else stays
+    # the text it is, which the field converts as it converts a flag's value
+    # (YAML's scalars would turn ``no`` into False, ``010`` into 8 and
+    # ``1:30`` into 90).
     try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
+        return key.strip(), json.loads(raw)
+    except json.JSONDecodeError:
+        pass
+    if raw.lstrip().startswith(("[", "{")):
+        try:
+            return key.strip(), yaml.safe_load(raw)
+        except yaml.YAMLError:
+            pass
+    return key.strip(), raw
 
 
 def _unwrap_optional(annotation: Any) -> Any:

@@ -223,3 +223,38 @@ def test_the_job_config_variable_is_the_one_the_installed_ray_sets():
     from raysys.runtime.config import RAY_JOB_CONFIG_ENV
 
     assert constants.RAY_JOB_CONFIG_JSON_ENV_VAR == RAY_JOB_CONFIG_ENV
+
+
+class Texts(Config):
+    """Fields that YAML's scalar rules would change behind the user's back."""
+
+    name: str = "x"
+    seed: int = 0
+    rate: float = 1.0
+    flag: bool = False
+    maybe: int | None = 3
+    names: list[str] = Field(default_factory=list)
+    weights: dict[str, float] = Field(default_factory=dict)
+
+
+@pytest.mark.parametrize(
+    ("item", "field", "expected"),
+    [
+        ("name=no", "name", "no"),
+        ("name=2024-01-01", "name", "2024-01-01"),
+        ("name=1:30", "name", "1:30"),
+        ('name="12"', "name", "12"),
+        ("seed=010", "seed", 10),
+        ("rate=1e3", "rate", 1000.0),
+        ("flag=true", "flag", True),
+        ("flag=no", "flag", False),
+        ("maybe=null", "maybe", None),
+        ("names=[a, b]", "names", ["a", "b"]),
+        ('names=["a b", "c"]', "names", ["a b", "c"]),
+        ("weights={a: 1, b: 2.5}", "weights", {"a": 1.0, "b": 2.5}),
+    ],
+)
+def test_set_values_are_json_or_text_not_yaml_scalars(item, field, expected):
+    cfg = load_config(Texts, ["--set", item])
+    assert getattr(cfg, field) == expected
+    assert type(getattr(cfg, field)) is type(expected)
