@@ -9,20 +9,7 @@ import pytest
 
 from raysys.serving.batching import EngineConfig, MixedStepBudget, plan_prefill
 from raysys.serving.profile import LatencyProfile
-
-PROFILE = LatencyProfile(
-    name="hand",
-    prefill_s_per_token_sq=1e-7,
-    prefill_s_per_token=1e-3,
-    prefill_overhead_s=0.02,
-    decode_s_per_batch_token=1e-5,
-    decode_s_per_seq=1e-4,
-    decode_overhead_s=0.01,
-    kv_capacity_tokens=100_000,
-    kv_bytes_per_token=1000,
-    kv_transfer_bytes_per_s=1e6,
-    kv_transfer_latency_s=0.005,
-)
+from serving.test_simulator import PROFILE  # the simulator tests' profile
 
 
 @dataclass
