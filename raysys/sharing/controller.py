@@ -81,6 +81,12 @@ class WorkloadUnavailable(RaysysError):
 
 RAY_DEATH_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
+# Ray keeps a drain's deadline in whole milliseconds (`drain_node` truncates),
+# and an agent reads its clock just before it drains: the drain it starts for a
+# wish ends up to 1 ms before that wish's end. An end within this much of the
+# drain's deadline is the same end (2 ms: 1 ms and float rounding).
+DRAIN_DEADLINE_ROUNDING_S = 0.002
+
 
 @dataclass
 class _Provider:
@@ -292,7 +298,12 @@ class SharingController:
         if end is None:
             return  # a wish naming no end: the drain's end stands
         if p.drain_deadline_at is not None and end > p.drain_deadline_at:
-            end, is_deadline = p.drain_deadline_at, True
+            # The agent's own drain for a grace ends where the grace does, less
+            # Ray's rounding: that end stays a grace. A later end is capped at
+            # the drain's deadline, which is then a deadline.
+            if end > p.drain_deadline_at + DRAIN_DEADLINE_ROUNDING_S:
+                is_deadline = True
+            end = p.drain_deadline_at
         now = time.time()
         logger.info(
             "provider %s: its owner's wish arrived after Ray's drain; the leave "

@@ -351,3 +351,28 @@ def test_a_stop_in_flight_uses_the_longer_end_of_the_owners_first_wish(
         await controller.shutdown()
 
     asyncio.run(scenario())
+
+
+def test_the_agents_own_drain_for_a_grace_keeps_the_owners_grace(
+    controller, clock, monkeypatch
+):
+    async def scenario():
+        # The agent reads its clock (T0 + 0.0007), then drains by the end of
+        # the 45 s grace, which Ray keeps in whole milliseconds: T0 + 45.000,
+        # just before the wish's end. That is the same end, still a grace: the
+        # tenant gets the 45 s (no safety margin) as when the wish comes first.
+        runner = StoppingRunner(stopped(7))
+        a = on_lab_a(controller, {"c": runner}, {"c": 44})
+        drain_list(monkeypatch, "node-a", T0 + 45.0)
+        controller._discover(T0)
+        await settle()
+        assert runner.bounds == []  # 43 s before the margin: too little
+        controller.heartbeat("lab-a", "node-a", grace_wish(T0 + 0.0007, 45.0), T0)
+        assert a.leave_deadline_at == T0 + 45.0  # never past the drain's
+        await settle()
+        assert runner.bounds == [45.0]
+        (move,) = controller.migrations
+        assert (move.kind, move.stop_step, move.fell_back) == ("graceful", 7, False)
+        await controller.shutdown()
+
+    asyncio.run(scenario())
