@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import takewhile
 from typing import Any
 
 import numpy as np
@@ -270,6 +271,13 @@ def _prediction_error(
             cause = getattr(e, "cause", None)
             if isinstance(e, ray.exceptions.RayTaskError) and cause is not None:
                 what = f"{type(cause).__name__}: {cause}"
+            elif getattr(e, "actor_init_failed", False):
+                # its __init__ raised: the message's first line is Ray's task
+                # header (colour codes, pid); the exception ends the traceback
+                lines = str(e).strip().splitlines()
+                tail = list(takewhile(lambda line: not line[:1].isspace(), lines[::-1]))
+                raised = " ".join(line.strip() for line in tail[::-1]) or lines[0]
+                what = f"{type(e).__name__}: the actor could not start: {raised}"
             else:  # a system error (the actor died): its first line says what
                 first = next(iter(str(e).strip().splitlines()), "")
                 what = f"{type(e).__name__}: {first}"

@@ -103,10 +103,14 @@ def flaky_predictor(fail_on_call: int, how: str):
 
         def predict(self, features):
             import os
+            import time
 
             self.calls += 1
             if self.calls == fail_on_call:
                 if how == "dies":
+                    # the reply of the batch before may still be on its way:
+                    # exiting at once loses it (then that batch fails too)
+                    time.sleep(1.0)
                     os._exit(1)
                 raise RuntimeError(f"predictor broke on batch {self.calls}")
             batch, _, n, _ = features.shape
@@ -202,6 +206,44 @@ def test_a_failed_prediction_batch_keeps_its_cold_and_other_solves(
     assert (operator.num_instances, operator.num_failed) == (4, 2)
     coarse = summarise([r for r in results if r.guess == "coarse-grid"])
     assert (coarse.num_instances, coarse.num_failed) == (4, 0)
+
+
+@pytest.mark.slow
+def test_a_predictor_that_cannot_start_names_what_its_init_raised(
+    ray_cluster, monkeypatch
+):
+    import raysys.solvers.runner as runner
+
+    class BrokenPredictor:
+        def __init__(self):
+            raise RuntimeError("CUDA error: out of memory")
+
+        def predict(self, features):
+            raise AssertionError("never called")
+
+    monkeypatch.setattr(
+        runner,
+        "start_predictor",
+        lambda model, **options: (
+            ray.remote(BrokenPredictor).options(num_cpus=0).remote()
+        ),
+    )
+    settings = SolveSettings(solvers=("cg",), rtols=(1e-5,), guesses=("operator",))
+    instances = sample_instances("darcy", 16, 9, range(3), with_reference=False)
+    outcome = run_solves(
+        instances, settings, model=unused_model(), batch_size=2, progress=False
+    )
+    # every batch fails; the error is what __init__ raised, on one line, not
+    # Ray's task header (colour codes, pid) that begins its message
+    assert [r.error for r in outcome.results] == [
+        "no operator guess: the predictor failed on its batch: ActorDiedError: "
+        "the actor could not start: RuntimeError: CUDA error: out of memory"
+    ] * 3
+    for r, inst in zip(outcome.results, instances, strict=True):
+        assert r.name == inst.name
+        assert_cold_is(r, inst, "cg", 1e-5)
+        assert_no_warm(r)
+    assert outcome.inference_time_s == 0.0
 
 
 # ------------------------------------------------------------ a solve that raises
