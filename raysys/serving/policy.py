@@ -348,14 +348,26 @@ class ServingPolicy(ABC):
         return self.queued_prefill_s(state) / self.slo.ttft_s
 
     def decode_load(self, state: InstanceState) -> float:
-        """Observed inter-token latency over the TPOT target, or batch tokens
-        over MT, whichever is higher."""
+        """The share of the TPOT target's room that decode steps use.
+
+        A step's fixed cost is paid whatever the batch, so the room a step has
+        for work is the target less that cost: the load is the observed
+        inter-token latency beyond the fixed cost over that room, or batch
+        tokens over MT (the same room counted in tokens), whichever is higher.
+        Where the fixed cost is small next to the target this is close to
+        Arrow's ITL / TPOT; where it is not, ITL / TPOT never falls below
+        (fixed cost / target) and an idle decode pool would read as loaded.
+        """
+        overhead = self.profile(state.instance_id).decode_overhead_s
+        room = self.slo.tpot_s - overhead
+        busy = max(state.observed_itl_s - overhead, 0.0)
+        itl = (busy / room if room > 0 else math.inf) if state.observed_itl_s else 0.0
         if state.num_decode == 0:
-            return state.observed_itl_s / self.slo.tpot_s
+            return itl
         per_seq = state.decode_tokens / state.num_decode
         mt = self.max_batch_tokens(state.instance_id, per_seq)
         memory = state.decode_tokens / mt if mt > 0 else math.inf
-        return max(state.observed_itl_s / self.slo.tpot_s, memory)
+        return max(itl, memory)
 
     def _fallback(
         self, candidates: Sequence[InstanceState], what: str, why: str
@@ -411,7 +423,9 @@ class ArrowPolicy(ServingPolicy):
         self.config = config or ArrowConfig()
         self.monitor_interval_s = self.config.monitor_interval_s
         self.last_expand_s = -math.inf
+        self.last_shrink_s = -math.inf
         self.num_overloaded_ticks = 0
+        self.num_idle_ticks = 0
 
     def initial_roles(self, num_instances: int) -> list[Role]:
         if num_instances < 2:
@@ -453,6 +467,9 @@ class ArrowPolicy(ServingPolicy):
         if to_role is Role.DECODE:
             self.last_expand_s = now_s
             self.num_overloaded_ticks = 0
+            self.num_idle_ticks = 0
+        else:
+            self.last_shrink_s = now_s
         logger.info(
             "arrow: flip instance %d %s->%s at %.2f s (%s: %s)",
             state.instance_id,
@@ -586,6 +603,12 @@ class ArrowPolicy(ServingPolicy):
         handoff_s = self.profile(origin.instance_id).kv_transfer_time_s(context)
         if handoff_s <= limit * self.slo.tpot_s:
             return None
+        # Staying shares the instance's steps with the prompts queued there:
+        # until they are prefilled, each of the decode's steps carries a chunk.
+        # That costs at most the queued prefill time, so stay only when it is
+        # shorter than the handoff's stall.
+        if self.queued_prefill_s(origin) >= handoff_s:
+            return None
         cost = self.decode_cost(origin, context)
         if cost[1] > 0:
             return None
@@ -602,7 +625,17 @@ class ArrowPolicy(ServingPolicy):
         else:
             self.num_overloaded_ticks = 0
         overloaded = self.num_overloaded_ticks >= self.config.num_intervals
-        idle_prefill = prefill_load <= shrink <= decode_load
+        if prefill_load <= shrink <= decode_load:
+            self.num_idle_ticks += 1
+        else:
+            self.num_idle_ticks = 0
+        # An idle prefill pool gives an instance away only when it has stayed
+        # idle a while and no decode instance was flipped to prefill lately
+        # (that flip answered a prefill burst the queue no longer shows).
+        idle_prefill = (
+            self.num_idle_ticks >= self.config.num_intervals
+            and now_s - self.last_shrink_s >= self.config.cooldown_s
+        )
         if not (overloaded or idle_prefill) or not self._cooled_down(now_s):
             return []
         victim = self.choose_flip(states, Role.PREFILL)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from raysys.runtime.errors import ConfigError
@@ -59,11 +61,26 @@ def test_loads_are_ratios_to_the_slos():
     )
     # Two prompts: 2 x 10 ms overhead + 500 tokens x 1 ms = 0.52 s over 1 s.
     assert policy.prefill_load(state) == pytest.approx(0.52)
-    # max(20 ms / 50 ms, 2000 / 4000) = 0.5
+    # A step's room is the 50 ms target less its 10 ms fixed cost:
+    # max((20 - 10) ms / 40 ms, 2000 / 4000) = 0.5
     assert policy.decode_load(state) == pytest.approx(0.5)
     slow = InstanceState.of(0, D, decode_context_tokens=[100], observed_itl_s=0.04)
-    assert policy.decode_load(slow) == pytest.approx(0.8)
+    assert policy.decode_load(slow) == pytest.approx(0.75)  # 30 ms of 40
     assert policy.max_batch_tokens(0) == MT
+
+
+def test_decode_load_counts_only_the_room_a_tight_tpot_leaves():
+    # TPOT 12 ms against a 10 ms fixed step cost: a nearly empty decode
+    # instance steps in 10.2 ms, which ITL / TPOT would call 85% loaded.
+    policy = ArrowPolicy(PROFILE, SloTargets(ttft_s=1.0, tpot_s=0.012))
+    light = InstanceState.of(0, D, decode_context_tokens=[20], observed_itl_s=0.0102)
+    assert policy.decode_load(light) == pytest.approx(0.1)  # 0.2 ms of 2 ms
+    full = InstanceState.of(0, D, decode_context_tokens=[150], observed_itl_s=0.012)
+    assert policy.decode_load(full) == pytest.approx(1.0)
+    assert policy.decode_load(InstanceState.of(1, D)) == 0.0  # never stepped
+    # A target at or below the fixed cost leaves no room at all.
+    none = ArrowPolicy(PROFILE, SloTargets(ttft_s=1.0, tpot_s=0.01))
+    assert none.decode_load(light) == math.inf
 
 
 def test_quadratic_term_counts_only_attention_left_to_do():
@@ -163,16 +180,22 @@ def test_decode_stays_on_its_prefill_instance_when_the_handoff_would_stall():
     slow_link = PROFILE.model_copy(update={"kv_transfer_bytes_per_s": 2e4})
     policy = ArrowPolicy(slow_link, SLO, ArrowConfig())
     states = [
-        InstanceState.of(0, P, prefill=queued(500)),
+        InstanceState.of(0, P, prefill=queued(50)),
         InstanceState.of(1, D),
     ]
-    # 1500 + 1 tokens: 0.075 s > 0.05 s, and instance 0 has room under MT.
+    # 1500 + 1 tokens: 0.075 s > 0.05 s, instance 0 has room under MT, and
+    # its queued prompt (10 ms + 50 ms) interferes for less than the stall.
     d = policy.dispatch_decode(RequestInfo(7, 1500), 0, states, now_s=0.0)
     assert d.instance_id == 0
     assert d.reason is DispatchReason.STAY_AVOIDS_HANDOFF
-    assert d.cost == pytest.approx((500.0, 1501 - MT))
+    assert d.cost == pytest.approx((50.0, 1501 - MT))
     # 900 + 1 tokens: 0.045 s, within one TPOT target: handed over.
     d = policy.dispatch_decode(RequestInfo(8, 900), 0, states, now_s=0.0)
+    assert (d.instance_id, d.reason) == (1, DispatchReason.FEASIBLE)
+    # A queue of 0.51 s on instance 0 would slow the decode's steps for longer
+    # than the 0.075 s handoff: handed over.
+    states[0] = InstanceState.of(0, P, prefill=queued(500))
+    d = policy.dispatch_decode(RequestInfo(11, 1500), 0, states, now_s=0.0)
     assert (d.instance_id, d.reason) == (1, DispatchReason.FEASIBLE)
     # No room left on instance 0 under MT: handed over despite the stall.
     states[0] = InstanceState.of(0, P, decode_context_tokens=[3000])
@@ -275,13 +298,42 @@ def test_monitor_flips_only_after_consecutive_overloaded_ticks():
 
 
 def test_monitor_flips_idle_prefill_when_decode_is_busier():
-    policy = arrow(shrink_threshold=0.5, expand_threshold=1.0)
-    # Prefill load: mean(0, 0.21, 0.11) = 0.107 <= 0.5 <= decode 0.6
-    flips = policy.monitor(monitor_states(decode_tokens=2400), 20.0)
+    policy = arrow(shrink_threshold=0.5, expand_threshold=1.0, num_intervals=3)
+    # Prefill load: mean(0, 0.21, 0.11) = 0.107 <= 0.5 <= decode 0.6, for
+    # three ticks in a row.
+    states = monitor_states(decode_tokens=2400)
+    assert policy.monitor(states, 18.0) == []
+    assert policy.monitor(states, 19.0) == []
+    flips = policy.monitor(states, 20.0)
     assert [f.reason for f in flips] == [FlipReason.PREFILL_IDLE]
     assert flips[0].instance_id == 0
     # Both lightly loaded: nothing to do.
-    assert arrow().monitor(monitor_states(decode_tokens=100), 20.0) == []
+    calm = arrow(num_intervals=1)
+    assert calm.monitor(monitor_states(decode_tokens=100), 20.0) == []
+
+
+def test_monitor_keeps_a_prefill_instance_a_prefill_burst_just_asked_for():
+    policy = arrow(shrink_threshold=0.5, num_intervals=1, cooldown_s=10.0)
+    # No prefill instance meets TTFT and decode is light: a decode instance
+    # flips to prefill at 50 s.
+    burst = [
+        InstanceState.of(0, P, prefill=queued(1200)),
+        InstanceState.of(1, D, decode_context_tokens=[100]),
+        InstanceState.of(2, D, decode_context_tokens=[100]),
+    ]
+    d = policy.dispatch_prefill(RequestInfo(7, 100), burst, now_s=50.0)
+    assert d.flip.reason is FlipReason.DISPATCH_PREFILL
+    # Then the prefill queue empties and decode gets busier: the idle rule
+    # holds, but gives no instance back within the cooldown of that flip.
+    states = [
+        InstanceState.of(0, P),
+        InstanceState.of(1, P),
+        InstanceState.of(2, D, decode_context_tokens=[2400]),
+    ]
+    assert policy.monitor(states, 55.0) == []
+    assert policy.monitor(states, 59.9) == []
+    flips = policy.monitor(states, 60.0)
+    assert [f.reason for f in flips] == [FlipReason.PREFILL_IDLE]
 
 
 def test_monitor_respects_cooldown_after_any_expansion():
