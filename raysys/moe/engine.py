@@ -64,8 +64,9 @@ Mode = Literal["ar", "sd", "sd-prefetch"]
 MODES: tuple[str, ...] = ("ar", "sd", "sd-prefetch")
 
 # The modelled link: one stored expert of the bundled pair (73,728 bytes) takes
-# about 2.9 ms, on the order of one to two layers of verification compute on a
-# CPU core; see docs/moe.md for the derivation and how to change it.
+# about 2.9 ms, about five layers of verification compute on a CPU core and
+# above the real Ray call's 1.2 to 1.6 ms; see docs/moe.md for the derivation
+# and how to change it.
 DEFAULT_LINK_BANDWIDTH = 25e6
 
 
