@@ -150,6 +150,7 @@ class ServingFront:
         on_handoff: Callable[[int, int, int], None] | None = None,
     ) -> None:
         self.policy = policy
+        policy.mixed_step_limit_s = spec.engine.mixed_step_limit_s
         self.spec = spec
         self.config = config or FrontConfig()
         self.on_handoff = on_handoff

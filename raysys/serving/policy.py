@@ -266,6 +266,10 @@ class ServingPolicy(ABC):
 
     name = "policy"
     monitor_interval_s = math.inf  # no monitor unless a policy sets one
+    # The longest step that holds decodes, when the instances' local scheduler
+    # cuts prompt chunks to a time (`EngineConfig.mixed_step_limit_s`); set by
+    # whoever runs the instances (the simulator, the serving front).
+    mixed_step_limit_s: float | None = None
 
     def __init__(
         self, profiles: LatencyProfile | Mapping[int, LatencyProfile], slo: SloTargets
@@ -606,8 +610,11 @@ class ArrowPolicy(ServingPolicy):
         # Staying shares the instance's steps with the prompts queued there:
         # until they are prefilled, each of the decode's steps carries a chunk.
         # That costs at most the queued prefill time, so stay only when it is
-        # shorter than the handoff's stall.
-        if self.queued_prefill_s(origin) >= handoff_s:
+        # shorter than the handoff's stall, unless the local scheduler keeps
+        # such steps within the TPOT target.
+        limit_s = self.mixed_step_limit_s
+        bounded = limit_s is not None and limit_s <= self.slo.tpot_s
+        if not bounded and self.queued_prefill_s(origin) >= handoff_s:
             return None
         cost = self.decode_cost(origin, context)
         if cost[1] > 0:

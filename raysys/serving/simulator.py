@@ -165,6 +165,7 @@ class Simulator:
         self.policy = policy
         self.slo = policy.slo
         self.engine = engine or EngineConfig()
+        policy.mixed_step_limit_s = self.engine.mixed_step_limit_s
         self.stop_below = stop_below
         roles = policy.initial_roles(num_instances)
         self.instances = [_Instance(i, r, profile) for i, r in enumerate(roles)]

@@ -197,6 +197,14 @@ def test_decode_stays_on_its_prefill_instance_when_the_handoff_would_stall():
     states[0] = InstanceState.of(0, P, prefill=queued(500))
     d = policy.dispatch_decode(RequestInfo(11, 1500), 0, states, now_s=0.0)
     assert (d.instance_id, d.reason) == (1, DispatchReason.FEASIBLE)
+    # Unless the local scheduler keeps the steps it shares within the TPOT
+    # target (50 ms); a limit above the target does not.
+    policy.mixed_step_limit_s = 0.06
+    d = policy.dispatch_decode(RequestInfo(12, 1500), 0, states, now_s=0.0)
+    assert (d.instance_id, d.reason) == (1, DispatchReason.FEASIBLE)
+    policy.mixed_step_limit_s = 0.05
+    d = policy.dispatch_decode(RequestInfo(13, 1500), 0, states, now_s=0.0)
+    assert (d.instance_id, d.reason) == (0, DispatchReason.STAY_AVOIDS_HANDOFF)
     # No room left on instance 0 under MT: handed over despite the stall.
     states[0] = InstanceState.of(0, P, decode_context_tokens=[3000])
     d = policy.dispatch_decode(RequestInfo(9, 1500), 0, states, now_s=0.0)

@@ -372,3 +372,12 @@ def test_mixed_step_limit_cuts_prompt_chunks_beside_decodes(limit):
     assert b.ttft_s == pytest.approx(t - 0.5, rel=1e-9)
     lone_step = 0.02 + work(1000, 0)
     assert b.ttft_s > lone_step
+
+
+@pytest.mark.parametrize("limit", [None, 0.03])
+def test_the_simulator_tells_the_policy_its_step_limit(limit):
+    # Arrow's stay rule depends on whether shared steps are kept short.
+    policy = ArrowPolicy(PROFILE, SLO)
+    policy.mixed_step_limit_s = 1.0  # overwritten, whatever it was
+    simulator.Simulator(policy, PROFILE, 2, EngineConfig(mixed_step_limit_s=limit))
+    assert policy.mixed_step_limit_s == limit
