@@ -15,11 +15,14 @@ discrete-event simulator. Three policies share one interface:
 
 Design note on Arrow's rules, as implemented here. Loads are ratios to the
 SLOs: an instance's prefill load is the predicted time of its queued prefill
-work over the TTFT target; its decode load is its observed inter-token latency
-over the TPOT target, or its resident batch tokens over MT (the most batch
-tokens a step may hold within the TPOT target, capped by KV memory), whichever
-is higher, so a decode instance whose KV memory is full counts as loaded even
-while its steps are fast. A pool's load is the mean over its instances.
+work over the TTFT target; its decode load is the share of a step's room
+(the TPOT target less the step's fixed cost) that its observed inter-token
+latency uses beyond that fixed cost, or its resident batch tokens over MT (the
+most batch tokens a step may hold within the TPOT target, capped by KV
+memory), whichever is higher, so a decode instance whose KV memory is full
+counts as loaded even while its steps are fast. (Arrow reads latency / TPOT
+target, which under a tight target never falls below fixed cost / target.) A
+pool's load is the mean over its instances.
 
 Dispatch (Algorithm 1) ranks candidates by lexicographic costs:
 
@@ -37,8 +40,9 @@ threshold); otherwise the cheapest candidate takes the request.
 
 The monitor (Algorithm 2) flips one prefill instance to decode when the decode
 pool's load has stayed at or above the expand threshold for ``num_intervals``
-consecutive ticks, or when the prefill load is at or below the shrink threshold
-while the decode load is at or above it; P→D flips respect a cooldown. A pool is
+consecutive ticks, or when the prefill load has been at or below the shrink
+threshold while the decode load is at or above it for as many ticks and no D→P
+flip happened within the cooldown; P→D flips respect a cooldown. A pool is
 never emptied, and the instance to flip (Algorithm 3) minimises
 ``(𝟙[it holds none of the target phase's work], its resident work)``.
 """
