@@ -128,7 +128,8 @@ class ServingFront:
     """Serve requests on ``num_instances`` instance actors under ``policy``.
 
     Args:
-        policy: decides dispatch and flips (`raysys.serving.policy`).
+        policy: decides dispatch and flips (`raysys.serving.policy`); a fresh
+            one (it keeps cooldown state and learns the engine's step limit).
         spec: how to start the instances (model, engine, resources).
         num_instances: instances to start.
         config: timeouts and retries.
@@ -150,11 +151,11 @@ class ServingFront:
         on_handoff: Callable[[int, int, int], None] | None = None,
     ) -> None:
         self.policy = policy
-        policy.mixed_step_limit_s = spec.engine.mixed_step_limit_s
         self.spec = spec
         self.config = config or FrontConfig()
         self.on_handoff = on_handoff
         self.roles = policy.initial_roles(num_instances)
+        policy.mixed_step_limit_s = spec.engine.mixed_step_limit_s
         self.polls: dict[Any, int] = {}
         self.ops: dict[Any, _Op] = {}
         self.requests: dict[int, TrackedRequest] = {}

@@ -34,7 +34,10 @@ Dispatch (Algorithm 1) ranks candidates by lexicographic costs:
   feasible when that excess is at most 0.
 
 A decode whose prefill instance has meanwhile flipped to decode stays there
-(no KV handoff). With no feasible candidate a flip is tried (P→D for a decode,
+(no KV handoff). So does one whose handoff alone would stall it longer than
+``handoff_limit_tpot`` TPOT targets, when its prefill instance has room, and
+either less queued prefill than the handoff takes or a mixed-step limit that
+keeps the steps it would share within the TPOT target (this rule is ours). With no feasible candidate a flip is tried (P→D for a decode,
 D→P for a prefill only while the decode pool's load is below the shrink
 threshold); otherwise the cheapest candidate takes the request.
 
@@ -206,10 +209,16 @@ class ArrowConfig(BaseModel):
         description="load below which a pool may give an instance away",
     )
     cooldown_s: float = Field(
-        10.0, ge=0, description="minimum seconds between two P->D flips"
+        10.0,
+        ge=0,
+        description="minimum seconds between two P->D flips, and between a D->P "
+        "flip and a P->D flip of an idle prefill pool",
     )
     num_intervals: int = Field(
-        3, ge=1, description="consecutive monitor ticks of decode overload to flip"
+        3,
+        ge=1,
+        description="consecutive monitor ticks of decode overload (or of an idle "
+        "prefill pool beside a busy decode pool) to flip",
     )
     monitor_interval_s: float = Field(
         1.0, gt=0, description="seconds between two monitor ticks"
@@ -228,8 +237,9 @@ class ArrowConfig(BaseModel):
         1.0,
         ge=0,
         description="a decode stays on its prefill instance (when that instance "
-        "has room under MT) if handing its KV over would take longer than this "
-        "many TPOT targets; 0: always hand over",
+        "has room under MT and less queued prefill than the handoff takes, or a "
+        "mixed-step limit keeps its steps within TPOT) if handing its KV over "
+        "would take longer than this many TPOT targets; 0: always hand over",
     )
 
     @model_validator(mode="after")
@@ -616,9 +626,10 @@ class ArrowPolicy(ServingPolicy):
         # That costs at most the queued prefill time, so stay only when it is
         # shorter than the handoff's stall, unless the local scheduler keeps
         # such steps within the TPOT target.
-        limit_s = self.mixed_step_limit_s
-        bounded = limit_s is not None and limit_s <= self.slo.tpot_s
-        if not bounded and self.queued_prefill_s(origin) >= handoff_s:
+        if (
+            not self._shared_steps_fit(origin, context)
+            and self.queued_prefill_s(origin) >= handoff_s
+        ):
             return None
         cost = self.decode_cost(origin, context)
         if cost[1] > 0:
@@ -626,6 +637,20 @@ class ArrowPolicy(ServingPolicy):
         return Dispatch(
             origin.instance_id, DispatchReason.STAY_AVOIDS_HANDOFF, cost=cost
         )
+
+    def _shared_steps_fit(self, origin: InstanceState, context: int) -> bool:
+        # With a mixed-step limit within the TPOT target, the local scheduler
+        # gives prompt chunks only the time left in the limit; the steps fit
+        # if the fixed cost and the decodes (this one added) leave some.
+        limit_s = self.mixed_step_limit_s
+        if limit_s is None or limit_s > self.slo.tpot_s:
+            return False
+        profile = self.profile(origin.instance_id)
+        fixed_s = max(profile.prefill_overhead_s, profile.decode_overhead_s)
+        decode_s = profile.decode_work_s(
+            origin.decode_tokens + context, origin.num_decode + 1
+        )
+        return fixed_s + decode_s < limit_s
 
     def monitor(self, states: Sequence[InstanceState], now_s: float) -> list[Flip]:
         prefill_load = self.pool_load(states, Role.PREFILL)

@@ -165,9 +165,9 @@ class Simulator:
         self.policy = policy
         self.slo = policy.slo
         self.engine = engine or EngineConfig()
-        policy.mixed_step_limit_s = self.engine.mixed_step_limit_s
         self.stop_below = stop_below
         roles = policy.initial_roles(num_instances)
+        policy.mixed_step_limit_s = self.engine.mixed_step_limit_s
         self.instances = [_Instance(i, r, profile) for i, r in enumerate(roles)]
         self.events: list[tuple[float, int, Callable[[], None]]] = []
         self.counter = itertools.count()

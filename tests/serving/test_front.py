@@ -490,6 +490,8 @@ def test_instances_cut_chunks_to_a_step_time_with_the_profile_given(ray_cluster,
     prompts = [prompt(n, seed=900 + n) for n in LENGTHS]
     front = ServingFront(ColocatedPolicy(PROFILE, SLO), spec, 1)
     try:
+        # The policy learns the limit (Arrow's stay rule depends on it).
+        assert front.policy.mixed_step_limit_s == 0.0025
         assert front.generate(prompts, NEW_TOKENS) == expected_outputs(model, prompts)
     finally:
         front.shutdown()

@@ -205,6 +205,13 @@ def test_decode_stays_on_its_prefill_instance_when_the_handoff_would_stall():
     policy.mixed_step_limit_s = 0.05
     d = policy.dispatch_decode(RequestInfo(13, 1500), 0, states, now_s=0.0)
     assert (d.instance_id, d.reason) == (0, DispatchReason.STAY_AVOIDS_HANDOFF)
+    # ... and only if the limit leaves room beside the fixed cost and the
+    # decodes: 45 ms + 15 ms of decode work is past the 50 ms limit.
+    slow_start = slow_link.model_copy(update={"prefill_overhead_s": 0.045})
+    policy = ArrowPolicy(slow_start, SLO, ArrowConfig())
+    policy.mixed_step_limit_s = 0.05
+    d = policy.dispatch_decode(RequestInfo(14, 1500), 0, states, now_s=0.0)
+    assert (d.instance_id, d.reason) == (1, DispatchReason.FEASIBLE)
     # No room left on instance 0 under MT: handed over despite the stall.
     states[0] = InstanceState.of(0, P, decode_context_tokens=[3000])
     d = policy.dispatch_decode(RequestInfo(9, 1500), 0, states, now_s=0.0)
@@ -318,6 +325,13 @@ def test_monitor_flips_idle_prefill_when_decode_is_busier():
     # Both lightly loaded: nothing to do.
     calm = arrow(num_intervals=1)
     assert calm.monitor(monitor_states(decode_tokens=100), 20.0) == []
+
+
+def test_an_idle_prefill_flip_starts_the_idle_count_again():
+    policy = arrow(shrink_threshold=0.5, num_intervals=3, cooldown_s=0.0)
+    states = monitor_states(decode_tokens=2400)  # idle prefill, busy decode
+    flipped = [t for t in range(1, 10) if policy.monitor(states, float(t))]
+    assert flipped == [3, 6, 9]
 
 
 def test_monitor_keeps_a_prefill_instance_a_prefill_burst_just_asked_for():
