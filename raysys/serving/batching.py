@@ -115,9 +115,7 @@ class MixedStepBudget:
             raise ValueError(
                 f"mixed_step_limit_s={limit} needs the instance's latency profile"
             )
-        fixed = max(profile.prefill_overhead_s, profile.decode_overhead_s)
-        seconds = limit - fixed - profile.decode_work_s(batch_tokens, num_seqs)
-        return cls(max(0.0, seconds), profile)
+        return cls(profile.mixed_step_room_s(limit, batch_tokens, num_seqs), profile)
 
     def tokens(self, done: int, remaining: int) -> int:
         """The most tokens of a prompt with ``done`` tokens prefilled (at most

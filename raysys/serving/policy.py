@@ -37,9 +37,10 @@ A decode whose prefill instance has meanwhile flipped to decode stays there
 (no KV handoff). So does one whose handoff alone would stall it longer than
 ``handoff_limit_tpot`` TPOT targets, when its prefill instance has room, and
 either less queued prefill than the handoff takes or a mixed-step limit that
-keeps the steps it would share within the TPOT target (this rule is ours). With no feasible candidate a flip is tried (P→D for a decode,
-D→P for a prefill only while the decode pool's load is below the shrink
-threshold); otherwise the cheapest candidate takes the request.
+keeps the steps it would share within the TPOT target (this rule is ours).
+With no feasible candidate a flip is tried (P→D for a decode, D→P for a
+prefill only while the decode pool's load is below the shrink threshold);
+otherwise the cheapest candidate takes the request.
 
 The monitor (Algorithm 2) flips one prefill instance to decode when the decode
 pool's load has stayed at or above the expand threshold for ``num_intervals``
@@ -645,12 +646,10 @@ class ArrowPolicy(ServingPolicy):
         limit_s = self.mixed_step_limit_s
         if limit_s is None or limit_s > self.slo.tpot_s:
             return False
-        profile = self.profile(origin.instance_id)
-        fixed_s = max(profile.prefill_overhead_s, profile.decode_overhead_s)
-        decode_s = profile.decode_work_s(
-            origin.decode_tokens + context, origin.num_decode + 1
+        room_s = self.profile(origin.instance_id).mixed_step_room_s(
+            limit_s, origin.decode_tokens + context, origin.num_decode + 1
         )
-        return fixed_s + decode_s < limit_s
+        return room_s > 0
 
     def monitor(self, states: Sequence[InstanceState], now_s: float) -> list[Flip]:
         prefill_load = self.pool_load(states, Role.PREFILL)

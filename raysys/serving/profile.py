@@ -143,6 +143,15 @@ class LatencyProfile(BaseModel):
             work += self.decode_work_s(batch_tokens, num_seqs)
         return overhead + work
 
+    def mixed_step_room_s(
+        self, limit_s: float, batch_tokens: int, num_seqs: int
+    ) -> float:
+        """Seconds of prefill work a step holding decodes may add within
+        ``limit_s``: the limit less the larger fixed cost and the decode work
+        (0 when nothing is left)."""
+        fixed = max(self.prefill_overhead_s, self.decode_overhead_s)
+        return max(0.0, limit_s - fixed - self.decode_work_s(batch_tokens, num_seqs))
+
     def max_batch_tokens(
         self, tpot_slo_s: float, tokens_per_seq: float | None = None
     ) -> int:
