@@ -26,7 +26,6 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import takewhile
 from typing import Any
 
 import numpy as np
@@ -34,6 +33,7 @@ import ray
 from tqdm import tqdm
 
 from raysys.models.fno import FNO
+from raysys.runtime.errors import last_line
 from raysys.solvers.errors import InvalidInstance
 from raysys.solvers.families import Instance, get_family
 from raysys.solvers.predictor import start_predictor
@@ -274,10 +274,7 @@ def _prediction_error(
             elif getattr(e, "actor_init_failed", False):
                 # its __init__ raised: the message's first line is Ray's task
                 # header (colour codes, pid); the exception ends the traceback
-                lines = str(e).strip().splitlines()
-                tail = list(takewhile(lambda line: not line[:1].isspace(), lines[::-1]))
-                raised = " ".join(line.strip() for line in tail[::-1]) or lines[0]
-                what = f"{type(e).__name__}: the actor could not start: {raised}"
+                what = f"{type(e).__name__}: the actor could not start: {last_line(e)}"
             else:  # a system error (the actor died): its first line says what
                 first = next(iter(str(e).strip().splitlines()), "")
                 what = f"{type(e).__name__}: {first}"
