@@ -1,18 +1,23 @@
 """Expert hosts: Ray actors that own a shard of the experts and serve them.
 
 Each `ExpertHost` loads its experts from the checkpoint store
-(`raysys.moe.store.ExpertCheckpointStore`) and keeps each packed as one flat
-array (w1, w2, w3 back to back) in the stored dtype. The engine fetches an
-expert by calling the host, which returns the array through Ray's object
-transfer: every fetch is a real round trip to the owning process (a ref to an
-object fetched once would be served from the caller's own memory afterwards,
-hiding both the cost and a dead host). Experts are assigned to hosts
-round-robin over (layer, expert), so one layer's experts spread over all hosts.
+(`raysys.moe.store.ExpertCheckpointStore`), packs each as one flat array (w1,
+w2, w3 back to back) in the stored dtype and ``ray.put``s it: the host process
+owns the object, and the object store of the host's node holds its bytes.
+Experts are assigned to hosts round-robin over (layer, expert), so one layer's
+experts spread over all hosts.
 
-`ExpertHostPool` is the engine's side: it starts the hosts and fetches with a
-bounded wait. A host that dies fails the call (``RayActorError``); the pool
-then starts a replacement host that reloads the same shard from the checkpoint
-store and retries the fetch, all within the fetch's deadline.
+`ExpertHostPool` is the engine's side: it starts the hosts, takes their object
+refs and fetches an expert with a bounded ``ray.get`` of its ref. On the
+host's own node that reads the object store's shared memory; from another node
+Ray first copies the object into the engine node's object store, which then
+serves later gets (the host-memory tier an offloading system keeps its
+experts in). The copy into the engine's bounded cache is what the fetcher's
+modelled link charges for. A host that dies takes its objects with it: the
+get fails (``OwnerDiedError``, or ``RayActorError`` for a call), and the pool
+starts a replacement host that reloads the same shard from the checkpoint
+store, takes its new refs and retries the fetch, all within the fetch's
+deadline.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ ExpertKey = tuple[int, int]  # (layer, expert)
 # Faults after which a host is replaced: the process died or its reply is lost.
 HOST_FAULTS = (
     ray.exceptions.RayActorError,
-    ray.exceptions.ObjectLostError,
+    ray.exceptions.ObjectLostError,  # OwnerDiedError is one
     ray.exceptions.ActorUnavailableError,
 )
 
@@ -85,14 +90,12 @@ class ExpertHost:
             (layer, expert): pack_expert(store.read_expert(layer, expert))
             for layer, expert in keys
         }
+        # The refs keep the objects alive as long as this process lives.
+        self.refs = {key: ray.put(flat) for key, flat in self.experts.items()}
 
-    def ready(self) -> int:
-        """Number of experts loaded (answers once the constructor finished)."""
-        return len(self.experts)
-
-    def fetch(self, layer_idx: int, expert_id: int) -> np.ndarray:
-        """One expert, packed (see `pack_expert`)."""
-        return self.experts[(layer_idx, expert_id)]
+    def expert_refs(self) -> dict[ExpertKey, ray.ObjectRef]:
+        """The object ref of every expert, packed (see `pack_expert`)."""
+        return self.refs
 
     def info(self) -> dict:
         """Process id, experts and bytes held."""
@@ -146,6 +149,10 @@ class ExpertHostPool:
         self.shards = shard_experts(keys, num_hosts)
         self.host_of = {key: h for h, shard in enumerate(self.shards) for key in shard}
         self.hosts = [self._start(h) for h in range(num_hosts)]
+        # Per host: the handle its refs came from, and the refs.
+        self._refs: list[tuple[object, dict[ExpertKey, ray.ObjectRef]]] = [
+            (None, {}) for _ in range(num_hosts)
+        ]
         self.num_replacements = [0] * num_hosts
         self._lock = threading.Lock()
         deadline = time.monotonic() + timeout_s
@@ -195,11 +202,14 @@ class ExpertHostPool:
         )
 
     def _wait_ready(self, host_idx: int, timeout_s: float | None = None) -> None:
-        bounded_get(
-            self.hosts[host_idx].ready.remote(),
+        # Waits for the host's constructor and takes the refs of its experts.
+        host = self.hosts[host_idx]
+        refs = bounded_get(
+            host.expert_refs.remote(),
             self.timeout_s if timeout_s is None else max(timeout_s, 0.001),
             f"expert host {host_idx} starting",
         )
+        self._refs[host_idx] = (host, refs)
 
     @property
     def num_hosts(self) -> int:
@@ -219,8 +229,10 @@ class ExpertHostPool:
             left = deadline - time.monotonic()
             start = time.perf_counter()
             try:
+                if self._refs[host_idx][0] is not host:  # replaced elsewhere
+                    self._wait_ready(host_idx, max(left, 0.001))
                 flat = bounded_get(
-                    host.fetch.remote(*key), max(left, 0.001), f"expert {key}"
+                    self._refs[host_idx][1][key], max(left, 0.001), f"expert {key}"
                 )
             except (RemoteTimeout, *HOST_FAULTS) as e:
                 if time.monotonic() >= deadline:
@@ -302,24 +314,32 @@ class ExpertHostPool:
         """Kill a host's process without warning (fault injection).
 
         `ray.kill` returns before the process is gone, and a call made in
-        between can still be served; this returns once a call to the host
-        fails, so the next fetch meets a dead host (bounded by ``timeout_s``).
+        between can still be served; for a moment after, the dead host's
+        objects can still be read until Ray learns their owner died. This
+        returns once both a call to the host and a get of one of its experts
+        fail, so the next fetch meets a dead host (bounded by ``timeout_s``).
         """
         host = self.hosts[host_idx]
         ray.kill(host, no_restart=True)
+        expert = next(iter(self._refs[host_idx][1].values()), None)
+        probes = [lambda: host.info.remote()]
+        if expert is not None:
+            probes.append(lambda: expert)
         deadline = time.monotonic() + self.timeout_s
-        while time.monotonic() < deadline:
+        while probes and time.monotonic() < deadline:
             try:
-                bounded_get(host.info.remote(), 1.0, f"expert host {host_idx}")
+                bounded_get(probes[0](), 1.0, f"expert host {host_idx}")
             except HOST_FAULTS:
-                return
+                probes.pop(0)
+                continue
             except RemoteTimeout:
                 continue
             time.sleep(0.05)
-        raise RaysysError(
-            f"expert host {host_idx} still answers {self.timeout_s:g} s after "
-            "it was killed"
-        )
+        if probes:
+            raise RaysysError(
+                f"expert host {host_idx} still answers {self.timeout_s:g} s after "
+                "it was killed"
+            )
 
     def host_info(self) -> list[dict]:
         """`ExpertHost.info` of every host."""

@@ -10,10 +10,11 @@ the prediction; for layers below the cutoff they are handed to the fetcher at
 once, while the draft goes on to its next layer.
 
 The prediction runs inside every draft step, so it is kept to one matrix
-product and a top-k: RMSNorm multiplies a token by a positive scalar and then
-by the norm weight, and a positive scalar does not change which router logits
-are largest, so the norm weight is folded into the router once
-(``W_e * g``) and the scalar is skipped. The ranking is the router's own.
+product and a sort of E scores per token, in numpy: RMSNorm multiplies a
+token by a positive scalar and then by the norm weight, and a positive scalar
+does not change which router logits are largest, so the norm weight is folded
+into the router once (``W_e * g``) and the scalar is skipped. The ranking is
+the router's own.
 
 Accuracy is scored per pass and layer against the experts the target's
 verification actually routed to: precision and recall of the predicted *set*
@@ -26,6 +27,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -106,8 +108,15 @@ class ExpertPredictor:
         self.measure_all = measure_all
         self.score = PredictionScore([LayerScore() for _ in range(self.num_layers)])
         self.top_k = target.config.num_experts_per_tok
-        self.folded = [  # (E, D): router rows scaled by the post-attention norm
-            layer.mlp.gate.weight * layer.post_attention_layernorm.weight
+        # (D, E), float32 on the host: the scores of a few rows are a matrix
+        # product of microseconds, which numpy does with less overhead per call
+        # than torch.
+        self.folded = [
+            (layer.mlp.gate.weight * layer.post_attention_layernorm.weight)
+            .detach()
+            .to("cpu", torch.float32)
+            .T.contiguous()
+            .numpy()
             for layer in target.layers
         ]
         self.skip_rows = 0  # leading rows of the next draft forward to ignore
@@ -124,13 +133,11 @@ class ExpertPredictor:
         rows = hidden[0, self.skip_rows :]  # (t, D)
         if rows.shape[0] == 0:
             return
-        scores = (
-            rows.to(self.folded[layer_idx].dtype) @ self.folded[layer_idx].T
-        )  # (t, E)
-        ids = torch.topk(scores, self.top_k, dim=-1).indices  # (t, k)
-        self._rows[layer_idx].append(ids)
+        scores = rows.detach().to("cpu", torch.float32).numpy() @ self.folded[layer_idx]
+        top = np.argsort(-scores, axis=-1, kind="stable")[:, : self.top_k]  # (t, k)
+        self._rows[layer_idx].append(torch.from_numpy(top))
         if layer_idx < self.prefetch_layers and self.on_predict is not None:
-            self.on_predict(layer_idx, ids.unique().tolist())
+            self.on_predict(layer_idx, sorted(set(top.ravel().tolist())))
 
     def predicted(self, layer_idx: int) -> Tensor:
         """This round's predicted top-k per token ``(t, k)`` of a layer."""

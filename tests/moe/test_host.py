@@ -108,7 +108,7 @@ def test_pool_reports_a_host_that_cannot_load_its_shard(ray_cluster, tmp_path):
 class _HostThatDiesStarting:
     """Stands in for a host placed on a node that goes away while it starts."""
 
-    def ready(self) -> None:
+    def expert_refs(self) -> None:
         os._exit(1)
 
 
