@@ -86,12 +86,14 @@ class ExpertHost:
     def __init__(self, store_uri: str, keys: list[ExpertKey], host_idx: int) -> None:
         self.host_idx = host_idx
         store = ExpertCheckpointStore(store_uri)
-        self.experts = {
-            (layer, expert): pack_expert(store.read_expert(layer, expert))
-            for layer, expert in keys
-        }
-        # The refs keep the objects alive as long as this process lives.
-        self.refs = {key: ray.put(flat) for key, flat in self.experts.items()}
+        # One expert at a time: the object store holds the bytes, and the
+        # refs keep them alive as long as this process lives.
+        self.refs: dict[ExpertKey, ray.ObjectRef] = {}
+        self.nbytes = 0
+        for key in keys:
+            flat = pack_expert(store.read_expert(*key))
+            self.refs[key] = ray.put(flat)
+            self.nbytes += flat.nbytes
 
     def expert_refs(self) -> dict[ExpertKey, ray.ObjectRef]:
         """The object ref of every expert, packed (see `pack_expert`)."""
@@ -102,8 +104,8 @@ class ExpertHost:
         return {
             "host_idx": self.host_idx,
             "pid": os.getpid(),
-            "num_experts": len(self.experts),
-            "nbytes": sum(a.nbytes for a in self.experts.values()),
+            "num_experts": len(self.refs),
+            "nbytes": self.nbytes,
         }
 
 

@@ -84,6 +84,10 @@ def test_pool_fetches_and_replaces_a_killed_host(ray_cluster):
     store = ExpertCheckpointStore(TARGET)
     pool = ExpertHostPool(str(TARGET), store.config, num_hosts=2, timeout_s=60)
     try:
+        info = pool.host_info()
+        num_experts = store.config.num_hidden_layers * store.config.num_local_experts
+        assert sum(i["num_experts"] for i in info) == num_experts
+        assert sum(i["nbytes"] for i in info) == num_experts * store.expert_nbytes
         key = (2, 3)
         first = pool.fetch(key)
         want = store.read_expert(*key)
