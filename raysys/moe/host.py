@@ -100,10 +100,11 @@ class ExpertHost:
         return self.refs
 
     def info(self) -> dict:
-        """Process id, experts and bytes held."""
+        """Process id, node, experts and bytes held."""
         return {
             "host_idx": self.host_idx,
             "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "num_experts": len(self.refs),
             "nbytes": self.nbytes,
         }

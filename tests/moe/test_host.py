@@ -211,3 +211,32 @@ def test_a_replacement_that_cannot_load_its_shard_fails_at_once(ray_cluster, tmp
         assert pool.num_replacements == [1]  # not retried max_replacements times
     finally:
         pool.close()
+
+
+def test_experts_of_a_host_on_another_node_arrive_and_survive_its_node(
+    ray_cluster, add_provider
+):
+    """Gets pull experts from another node; when it goes, its host is replaced."""
+    node = add_provider("moe-host-node", num_gpus=0.0)
+    store = ExpertCheckpointStore(TARGET)
+    pool = ExpertHostPool(str(TARGET), store.config, num_hosts=2, timeout_s=60)
+    try:
+        here = ray.get_runtime_context().get_node_id()
+        # SPREAD places the hosts over both nodes, or both on the emptier one.
+        away = [i["host_idx"] for i in pool.host_info() if i["node_id"] != here]
+        assert away, "no expert host was placed on the added node"
+        host_idx = away[0]
+        *pulled, unpulled = pool.shards[host_idx]
+        for key in pulled:  # copied into this node's object store
+            got = pool.fetch(key)
+            assert torch.equal(got.weights.w1, store.read_expert(*key).w1.float())
+        ray_cluster.remove_node(node)
+        # Never fetched, so only its dead owner had it: the get fails once Ray
+        # learns the node is gone, and a replacement host serves it.
+        got = pool.fetch(unpulled)
+        assert torch.equal(got.weights.w2, store.read_expert(*unpulled).w2.float())
+        assert pool.num_replacements[host_idx] == 1
+        got = pool.fetch(pulled[0])  # from the replacement
+        assert torch.equal(got.weights.w3, store.read_expert(*pulled[0]).w3.float())
+    finally:
+        pool.close()
