@@ -76,6 +76,9 @@ class ModeSummary(Report):
     experts_per_pass: float | None = Field(
         description="distinct experts one decoding target pass routes to"
     )
+    held_needed_per_pass: float | None = Field(
+        description="of those, held in the cache when the pass's round began"
+    )
     link_floor_ms_per_token: float | None = Field(
         description="link time per token no cache policy or prefetch can avoid"
     )
@@ -131,6 +134,7 @@ def _summary(report: GenerationReport) -> ModeSummary:
         bytes_fetched=report.bytes_fetched,
         stall_ms_per_token=report.stall_ms_per_token,
         experts_per_pass=report.experts_per_pass,
+        held_needed_per_pass=report.held_needed_per_pass,
         link_floor_ms_per_token=report.link_floor_ms_per_token,
     )
 
@@ -252,7 +256,8 @@ def _print(bench: BenchReport, out: Path) -> None:
             f"{fmt_figure(summary.acceptance_rate, '.3f')}"
             f"  cache hits {fmt_figure(summary.cache_hit_rate, '.3f')}  stall "
             f"{fmt_figure(summary.stall_ms_per_token, '.2f', ' ms/token')}  experts/pass "
-            f"{fmt_figure(summary.experts_per_pass, '.1f')}  link floor "
+            f"{fmt_figure(summary.experts_per_pass, '.1f')} (held "
+            f"{fmt_figure(summary.held_needed_per_pass, '.1f')})  link floor "
             f"{fmt_figure(summary.link_floor_ms_per_token, '.2f', ' ms/token')}"
         )
     print(

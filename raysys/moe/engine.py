@@ -174,6 +174,7 @@ class SequenceRun:
     predicted: list[float]  # summed predicted experts per layer
     num_verify_passes: int
     pass_experts: list[int]  # distinct routed experts (all layers), decoding passes
+    held_needed: list[int]  # of those, held in the cache when the pass's round began
     prompt_tokens: int = 0  # tokens of the prompt as given
     clipped_tokens: int = 0  # leading prompt tokens dropped to fit the context
 
@@ -192,18 +193,25 @@ class _EngineHooks(DecodeHooks):
         self.predicted = [0.0] * num_layers
         self.num_verify_passes = 0
         self.pass_experts: list[int] = []
+        self.held_needed: list[int] = []
+        self._held: set[tuple[int, int]] = set()
         self._demand_before: Counter[int] = Counter()
 
     def target_pass_done(self, kind: str) -> None:
         self.fetcher.end_pass()
         if kind != "prefill":
-            self.pass_experts.append(
-                sum(
-                    len(r.expert_ids.unique())
-                    for r in self.engine.target.last_routing()
-                    if r is not None
-                )
-            )
+            routed = {
+                (layer, int(e))
+                for layer, r in enumerate(self.engine.target.last_routing())
+                if r is not None
+                for e in r.expert_ids.unique().tolist()
+            }
+            self.pass_experts.append(len(routed))
+            self.held_needed.append(len(routed & self._held))
+        # Nothing is fetched between a pass's end and the next round's start (a
+        # prefetch needs the draft), so this is what the next round starts with.
+        with self.fetcher.lock:
+            self._held = set(self.fetcher.cache.entries)
         self.engine.num_target_passes += 1
         if self.engine.on_target_pass is not None:
             self.engine.on_target_pass(self.engine.num_target_passes, kind)
@@ -561,6 +569,7 @@ class MoEEngine:
             predicted=hooks.predicted,
             num_verify_passes=hooks.num_verify_passes,
             pass_experts=hooks.pass_experts,
+            held_needed=hooks.held_needed,
             prompt_tokens=prompt_tokens,
             clipped_tokens=prompt_tokens - len(ids),
         )
@@ -660,6 +669,7 @@ class MoEEngine:
         below = list(range(self.cutoff or 0))
         speculative = self.mode != "ar"
         pass_experts = [n for r in runs for n in r.pass_experts]
+        held_needed = [n for r in runs for n in r.held_needed]
         link_ms = 1e3 * self.link.transfer_s(self.expert_nbytes)
         # Every expert a pass routes to is either among the at most capacity + 1
         # (one transfer in flight) held when its round begins, or moved during
@@ -707,6 +717,9 @@ class MoEEngine:
             num_evictions=sum(c.num_evictions for c in caches),
             max_cache_overflow=max((c.max_overflow for c in caches), default=0),
             experts_per_pass=statistics.mean(pass_experts) if pass_experts else None,
+            held_needed_per_pass=(
+                statistics.mean(held_needed) if held_needed else None
+            ),
             link_floor_ms_per_token=floor_ms / decode_tokens if decode_tokens else None,
             bytes_fetched=sum(f.bytes_fetched for f in fetches),
             prefill_bytes_fetched=sum(r.prefill_fetch.bytes_fetched for r in runs),

@@ -94,6 +94,10 @@ class GenerationReport(Report):
         description="distinct experts (all layers) one decoding target pass routes "
         "to: one token's in ar, the union over the verified block in sd modes"
     )
+    held_needed_per_pass: float | None = Field(
+        description="of a pass's experts, those already held in the cache when its "
+        "round began; a prefetch while drafting can only take the other slots"
+    )
     link_floor_ms_per_token: float | None = Field(
         description="link time per output token that no cache policy or prefetch "
         "can avoid: experts a pass routes to beyond what the cache can hold when "

@@ -85,6 +85,8 @@ def test_every_mode_reproduces_target_greedy(engine, references, mode, cutoff):
         assert report.experts_per_pass == 2 * layers
     else:
         assert 2 * layers < report.experts_per_pass <= 8 * layers
+    assert 0 <= report.held_needed_per_pass <= report.experts_per_pass
+    assert report.held_needed_per_pass <= report.cache_experts
     if mode == "ar":
         assert report.acceptance_rate is None and report.num_prefetches == 0
     else:
@@ -359,6 +361,27 @@ def test_layer_lru_resize_moves_the_slots_per_layer(ray_cluster):
         with pytest.raises(ConfigError, match="cache of 3 experts < 4 layers"):
             eng.resize_cache(3)
         assert eng.fetcher.cache.layer_capacity == [2, 2, 1, 1]
+
+
+def test_with_per_layer_slots_the_held_needed_experts_are_the_hits(ray_cluster):
+    # Per-layer slots: a layer's misses evict only that layer's unpinned
+    # experts, so every expert held at a round's start that its pass routes to
+    # is still there when its layer looks it up, and nothing else can hit.
+    config = MoEEngineConfig(
+        mode="ar", cache_experts=8, cache_policy="layer-lru",
+        link_bandwidth_bytes_per_s=0,
+    )  # fmt: skip
+    with MoEEngine(config) as eng:
+        for mode in ("ar", "sd"):
+            eng.set_mode(mode)
+            run = eng.run_sequence(BUILTIN_PROMPTS[1], 40, seed=0)
+            assert len(run.held_needed) == len(run.pass_experts) > 0
+            assert run.cache.num_inflight_hits == 0
+            assert run.cache.num_hits == sum(run.held_needed) > 0
+            assert all(
+                0 <= h <= min(n, 8)
+                for h, n in zip(run.held_needed, run.pass_experts, strict=True)
+            )
 
 
 def test_a_store_of_another_model_is_refused_before_any_work(ray_cluster, tmp_path):
