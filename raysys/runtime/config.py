@@ -14,6 +14,8 @@ import argparse
 import json
 import numbers
 import os
+import re
+import sys
 import tempfile
 import types
 import typing
@@ -22,7 +24,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    ValidationError,
+)
 
 from raysys.runtime.errors import ConfigError
 
@@ -124,8 +132,24 @@ def check_plot_path(report: Path, plot: Path | None) -> Path:
     return path
 
 
+def refuse_folder_form(value: Any) -> Any:
+    """An output file given as ``dir/`` names a folder, even one not made yet.
+
+    Raises:
+        ValueError: the path ends in a path separator.
+    """
+    if isinstance(value, str) and value.endswith(("/", os.sep)) and value.strip("/"):
+        raise ValueError(
+            f"output file {value!r} ends in {value[-1]!r}, so it names a folder; "
+            f"give a file path, such as {value + 'report.json'!r}"
+        )
+    return value
+
+
 # Field types of job outputs: bad paths fail with the config, not after the run.
-OutputFile = Annotated[Path, AfterValidator(check_output_file)]
+OutputFile = Annotated[
+    Path, BeforeValidator(refuse_folder_form), AfterValidator(check_output_file)
+]
 OutputDir = Annotated[Path, AfterValidator(check_output_dir)]
 
 # Set by Ray's job API in a submitted job's driver: its runtime_env, metadata.
@@ -386,6 +410,35 @@ def build_parser(
     return parser
 
 
+# A negative number argparse would take for an option (it knows only forms such
+# as -3 and -0.5): exponents, and the non-finite values validation then names.
+_NEGATIVE_NUMBER = re.compile(
+    r"^-(\d+\.?\d*|\.\d+)[eE][-+]?\d+$|^-(inf|infinity|nan)$", re.IGNORECASE
+)
+
+
+def attach_negative_numbers(
+    parser: argparse.ArgumentParser, argv: Sequence[str]
+) -> list[str]:
+    """``--rtol -1e-5`` as ``--rtol=-1e-5``, so the value reaches validation.
+
+    Only flags of ``parser`` that take exactly one value are joined.
+    """
+    takes_one = {
+        option
+        for action in parser._actions  # argparse keeps no public list of them
+        if action.nargs is None and action.option_strings
+        for option in action.option_strings
+    }
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1] in takes_one and _NEGATIVE_NUMBER.match(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def format_validation_error(
     cls: type[BaseModel], error: ValidationError, *, flags: bool = True
 ) -> str:
@@ -468,7 +521,8 @@ def load_config(
         ConfigError: a value is invalid; the message names the field and the fix.
     """
     parser = build_parser(cls, description, prog=prog)
-    namespace = vars(parser.parse_args(argv))
+    argv = sys.argv[1:] if argv is None else argv
+    namespace = vars(parser.parse_args(attach_negative_numbers(parser, argv)))
     data: dict[str, Any] = {}
     config_path = namespace.pop("config")
     if config_path is not None:  # `--config ""` is a mistake, not "no file"

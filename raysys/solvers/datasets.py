@@ -222,15 +222,22 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
             raise DataFormatError(f"{path}: a tensor numpy cannot hold ({e})") from e
     if path.suffix == ".npz":
         try:
+            with path.open("rb") as f:
+                head = f.read(6)
+        except OSError as e:
+            raise DataFormatError(f"{path}: cannot be read ({e.strerror or e})") from e
+        if not head.startswith(b"PK"):  # numpy would try it as a pickle
+            kind = "a single .npy array" if head == b"\x93NUMPY" else "not a zip file"
+            raise DataFormatError(
+                f"{path}: not an .npz archive ({kind}); save the arrays with "
+                "numpy.savez"
+            )
+        try:
             with np.load(path, allow_pickle=False) as data:
                 return {k: data[k] for k in data.files}
         except _NPZ_ERRORS as e:
             raise DataFormatError(
                 f"{path}: not a readable .npz ({type(e).__name__}: {e})"
-            ) from e
-        except AttributeError as e:  # np.load gave a bare array, not an archive
-            raise DataFormatError(
-                f"{path}: not an .npz archive; save the arrays with numpy.savez"
             ) from e
     raise DataFormatError(
         f"{path}: unknown suffix {path.suffix!r}; give a .npz or a .pt file"

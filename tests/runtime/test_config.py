@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -139,13 +140,35 @@ def test_output_paths_are_checked_up_front(tmp_path):
     assert good.out == tmp_path / "new" / "r.json"
     assert not (tmp_path / "new").exists()  # checked, not created
     bad = {
-        "--out": [str(tmp_path), "", str(tmp_path / "afile" / "r.json")],
+        "--out": [
+            str(tmp_path),
+            "",
+            str(tmp_path / "afile" / "r.json"),
+            f"{tmp_path}/not-made-yet/",  # a folder, though it does not exist yet
+        ],
         "--folder": [str(tmp_path / "afile"), str(tmp_path / "afile" / "sub")],
     }
     for flag, values in bad.items():
         for value in values:
             with pytest.raises(ConfigError, match=flag):
                 load_config(Outputs, [flag, value])
+
+
+@pytest.mark.parametrize("value", ["-1e-5", "-2.5E+3", "-.5e1", "-inf", "-NaN"])
+def test_a_negative_number_in_any_form_reaches_validation(value):
+    # argparse takes "-1e-5" for an option and would fail without naming it.
+    with pytest.raises(
+        ConfigError, match=r"rtol \(--rtol\).*got " + re.escape(repr(value))
+    ):
+        load_config(Sample, ["--rtol", value])
+
+
+def test_only_flags_that_take_one_value_are_joined_to_a_negative_number():
+    assert load_config(Sample, ["--names", "a", "--rtol", "2e-3"]).rtol == 2e-3
+    with pytest.raises(SystemExit):  # --verbose takes no value: -1e-5 stays a flag
+        load_config(Sample, ["--verbose", "-1e-5"])
+    cfg = load_config(Sample, ["--set", "max_new_tokens=-3"])
+    assert cfg.max_new_tokens == -3
 
 
 def test_an_empty_config_path_is_refused_not_ignored():

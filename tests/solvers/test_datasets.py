@@ -131,6 +131,15 @@ def test_broken_npz_files_are_refused_with_the_file_and_the_problem(tmp_path):
     _refused(tmp_path / "text.npz", "not a readable .npz")
     (tmp_path / "dir.npz").mkdir()
     _refused(tmp_path / "dir.npz", "is a folder")
+    # Neither suggests loading the file as a pickle, as numpy's own error does.
+    (tmp_path / "plain.npz").write_text("a,b\n1,2\n")
+    msg = _refused(
+        tmp_path / "plain.npz", r"plain.npz: not an .npz archive \(not a zip"
+    )
+    assert "pickle" not in msg
+    np.save(tmp_path / "one.npy", np.ones((3, 6, 6)))
+    (tmp_path / "one.npy").rename(tmp_path / "one.npz")
+    _refused(tmp_path / "one.npz", r"not an .npz archive \(a single .npy array\)")
 
     np.savez(tmp_path / "af.npz", a=np.ones((3, 6, 6)), f=np.ones((2, 6, 6)))
     msg = _refused(tmp_path / "af.npz", "'f' holds 2 instances but 'a' holds 3")
