@@ -169,8 +169,14 @@ class TraceReport(Report):
     rows_total: int
     rows_skipped: int
     rows_skipped_by_reason: dict[str, int]
+    malformed_rows: list[dict[str, int | str]] = Field(
+        description="the first malformed rows of the job trace: line number and why"
+    )
     availability_series: list[str]
     availability_entries_skipped: dict[str, int]
+    availability_problems: list[str] = Field(
+        description="each availability file skipped or patched, and what is wrong"
+    )
     jobs_used: int
     arrival_speedup: float
     horizon_s: float
@@ -178,6 +184,11 @@ class TraceReport(Report):
     results: list[PolicyResult]
     elapsed_s: float
     plot: str | None
+
+
+def seconds(value: float | None) -> str:
+    """A wait for the log: ``"1916.2 s"``, or ``"-"`` when there was none."""
+    return "-" if value is None else f"{value:.1f} s"
 
 
 def plot_timeline(results: list[SimResult], path: Path) -> Path:
@@ -212,11 +223,26 @@ def main(cfg: TraceConfig) -> TraceReport:
     started = time.perf_counter()
     trace = load_gpu_jobs(cfg.jobs, max_duration_s=cfg.max_duration_s)
     if not trace.jobs:
+        malformed = trace.malformed_summary()
         raise ConfigError(
             f"job trace {str(cfg.jobs)!r} has no usable row ({trace.num_rows} rows; "
             f"skipped: {dict(trace.skipped) or 'none'})"
+            + (f"; malformed rows: {malformed}" if malformed else "")
         )
-    series, series_skipped = load_availability(cfg.availability)
+    if trace.num_malformed:
+        logger.warning(
+            "job trace %s: skipped %d malformed row(s): %s",
+            cfg.jobs,
+            trace.num_malformed,
+            trace.malformed_summary(),
+        )
+    series, series_skipped, series_problems = load_availability(cfg.availability)
+    if series_problems:
+        logger.warning(
+            "availability %s, not used as is: %s",
+            cfg.availability,
+            "; ".join(series_problems),
+        )
     logger.info(
         "trace: %d rows, %d usable, %d skipped %s; %d availability series",
         trace.num_rows,
@@ -265,7 +291,7 @@ def main(cfg: TraceConfig) -> TraceReport:
         results.append(PolicyResult(**fields, elapsed_s=elapsed))
         logger.info(
             "%s: utilisation %.3f, %d/%d jobs done, migrations %d/%d, lost %.1f "
-            "GPU-h, interactive wait p50 %s s (%.1f s)",
+            "GPU-h, interactive wait p50 %s, p95 %s (simulated in %.1f s)",
             name,
             sim.gpu_utilization,
             sim.jobs_completed,
@@ -273,7 +299,8 @@ def main(cfg: TraceConfig) -> TraceReport:
             sim.migrations_succeeded,
             sim.migrations_attempted,
             sim.lost_gpu_hours,
-            sim.interactive_wait_p50_s,
+            seconds(sim.interactive_wait_p50_s),
+            seconds(sim.interactive_wait_p95_s),
             elapsed,
         )
     plot_path = check_plot_path(cfg.out, cfg.plot)
@@ -285,8 +312,10 @@ def main(cfg: TraceConfig) -> TraceReport:
         rows_total=trace.num_rows,
         rows_skipped=trace.rows_skipped,
         rows_skipped_by_reason=dict(trace.skipped),
+        malformed_rows=[{"line": m.line, "reason": m.reason} for m in trace.malformed],
         availability_series=[s.name for s in series],
         availability_entries_skipped=dict(series_skipped),
+        availability_problems=series_problems,
         jobs_used=len(trace.jobs),
         arrival_speedup=speedup,
         horizon_s=sims[0].horizon_s if sims else 0.0,

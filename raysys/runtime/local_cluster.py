@@ -128,6 +128,35 @@ def state_path() -> Path:
     return state_dir() / "local-cluster.json"
 
 
+def provider_records_dir() -> Path:
+    """Where `raysys provider join` records each provider node it started on
+    this machine (``<name>.json``: ``{"address": ..., "marker": ...}``), for
+    `raysys provider leave` and `down` to find."""
+    return state_dir() / "providers"
+
+
+def provider_record_path(name: str) -> Path:
+    return provider_records_dir() / f"{name}.json"
+
+
+def _remove_provider_records(state: ClusterState) -> list[Path]:
+    """Remove the provider records of the nodes of ``state``'s cluster."""
+    folder = provider_records_dir()
+    markers = {n.marker for n in state.nodes}
+    removed = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            marker = json.loads(path.read_text()).get("marker")
+        except (OSError, ValueError, AttributeError):
+            continue  # not a record this code wrote: left alone
+        if not isinstance(marker, str):
+            continue
+        if marker in markers or marker.startswith(f"{state.cluster_id}/"):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def read_state() -> ClusterState | None:
     path = state_path()
     if not path.is_file():
@@ -463,7 +492,8 @@ def marked_pids(key: str, value: str) -> list[int]:
 
 
 def kill_marked(key: str, value: str, grace_s: float = 5.0) -> int:
-    """SIGTERM, then SIGKILL after ``grace_s``, every process marked ``key=value``.
+    """SIGTERM, then SIGKILL after ``grace_s`` (0: SIGKILL alone), every process
+    marked ``key=value``.
 
     Processes a dying one starts meanwhile (Ray's agents and workers) are
     found by a new look and stopped too; returns how many still run.
@@ -479,7 +509,11 @@ def kill_marked(key: str, value: str, grace_s: float = 5.0) -> int:
 
 
 def _kill_pids(pids: list[int], grace_s: float) -> int:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    # Without grace, no SIGTERM either: a process that got one would still
+    # run its handlers (Ray's workers abort with stack traces), which a
+    # machine switched off never does.
+    signals = (signal.SIGKILL,) if grace_s <= 0 else (signal.SIGTERM, signal.SIGKILL)
+    for sig in signals:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
@@ -518,6 +552,8 @@ def down() -> bool:
     for node in reversed(state.nodes):
         kill_marked(NODE_MARKER, node.marker, grace_s=3.0)
     kill_marked(CLUSTER_MARKER, state.cluster_id)
+    # Providers joined to this cluster and never left went down with it.
+    _remove_provider_records(state)
     state_path().unlink(missing_ok=True)
     if state.temp_dir:
         shutil.rmtree(state.temp_dir, ignore_errors=True)

@@ -31,7 +31,7 @@ LEAVE_MARGIN_S = 15.0
 
 
 def _record_path(name: str) -> Path:
-    return local_cluster.state_dir() / "providers" / f"{name}.json"
+    return local_cluster.provider_record_path(name)
 
 
 def _resolve(address: str | None) -> tuple[str, local_cluster.ClusterState | None]:
@@ -85,6 +85,38 @@ def _alive_node(name: str) -> dict | None:
     return next((n for n in _provider_nodes(name) if n.get("Alive")), None)
 
 
+def _check_name_free(
+    name: str, address: str, state: local_cluster.ClusterState | None
+) -> None:
+    """Refuse a provider name a live node of the cluster already carries.
+
+    Needs a connected driver. A name the local cluster's record still lists
+    without a live node (a node that crashed) is free again when no process
+    of that node runs on this machine.
+
+    Raises:
+        ConfigError: the name is in use.
+    """
+    node = _alive_node(name)
+    if node is not None:
+        raise ConfigError(
+            f"provider name {name!r} is already in use by node "
+            f"{node['NodeID'][:12]} of the cluster at {address}; pick another "
+            f"--name, or take that provider back first with "
+            f"`raysys provider leave --name {name}`"
+        )
+    record = state.provider(name) if state is not None else None
+    if record is not None and local_cluster.marked_pids(
+        local_cluster.NODE_MARKER, record.marker
+    ):
+        raise ConfigError(
+            f"provider name {name!r} is already in use: its node was started on "
+            f"this machine (marker {record.marker}) and still runs, though the "
+            "cluster does not list it alive; pick another --name, or stop it with "
+            "`raysys down`"
+        )
+
+
 def cmd_join(argv: Sequence[str]) -> int:
     from raysys.sharing.names import check_name
 
@@ -119,33 +151,11 @@ def cmd_join(argv: Sequence[str]) -> int:
     if args.object_store_mb < 1:
         raise ConfigError(f"--object-store-mb must be >= 1, got {args.object_store_mb}")
     address, state = _resolve(args.address)
-    from raysys.runtime.ray_env import check_reachable
-
-    check_reachable(address)
     auth = _uses_auth(state)
     cluster_id = state.cluster_id if state else f"ext-{uuid.uuid4().hex[:8]}"
     node_ip = args.node_ip
     if node_ip is None and address.split(":")[0] in ("127.0.0.1", "localhost"):
         node_ip = "127.0.0.1"
-    record = local_cluster.start_provider_node(
-        address,
-        name,
-        num_gpus=args.gpus,
-        num_cpus=args.cpus,
-        cluster_id=cluster_id,
-        auth=auth,
-        object_store_mb=args.object_store_mb,
-        node_ip=node_ip,
-        # a node of its own inside the local cluster's temp dir (see
-        # `local_cluster.node_temp_dir`); Ray's default elsewhere
-        temp_dir=state.temp_dir if state else None,
-    )
-    if state is not None:
-        state.nodes.append(record)
-        local_cluster.write_state(state)
-    path = _record_path(name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"address": address, "marker": record.marker}))
 
     import ray
 
@@ -154,6 +164,30 @@ def cmd_join(argv: Sequence[str]) -> int:
 
     _connect(address, state)
     try:
+        # Before anything starts: a second node under a taken name would be
+        # indistinguishable from the first (same label, same marker), and
+        # leaving would take both.
+        _check_name_free(name, address, state)
+        record = local_cluster.start_provider_node(
+            address,
+            name,
+            num_gpus=args.gpus,
+            num_cpus=args.cpus,
+            cluster_id=cluster_id,
+            auth=auth,
+            object_store_mb=args.object_store_mb,
+            node_ip=node_ip,
+            # a node of its own inside the local cluster's temp dir (see
+            # `local_cluster.node_temp_dir`); Ray's default elsewhere
+            temp_dir=state.temp_dir if state else None,
+        )
+        if state is not None:
+            state.nodes = [n for n in state.nodes if n.marker != record.marker]
+            state.nodes.append(record)
+            local_cluster.write_state(state)
+        path = _record_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"address": address, "marker": record.marker}))
         deadline = time.monotonic() + 60
         node = _alive_node(name)
         while node is None and time.monotonic() < deadline:

@@ -11,7 +11,10 @@
   (``{"metadata": {"gap_seconds": 300}, "data": [n_live, ...]}``): each file is
   one pool of machines whose live count changes every ``gap_seconds``.
 
-Rows that cannot be used are counted by reason, never dropped silently.
+Rows that cannot be used are counted by reason, never dropped silently; the
+first malformed rows are kept with their line numbers and what is wrong
+(``JobTrace.malformed``), and every availability file skipped or patched is
+named with its problem (``Availability.problems``).
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from raysys.runtime.errors import ConfigError
-from raysys.runtime.tables import csv_line
+from raysys.runtime.tables import csv_line, csv_rows
 from raysys.sharing.workload import WorkloadKind
 
 JOB_COLUMNS = (
@@ -36,6 +40,10 @@ JOB_COLUMNS = (
     "scheduled_time",
 )
 INTERACTIVE_QOS = frozenset({"LS"})
+# How many malformed rows (and availability problems) are kept verbatim.
+MAX_MALFORMED_EXAMPLES = 20
+# Counted under this reason: a row whose numbers do not parse.
+MALFORMED_NUMBER = "malformed number"
 
 
 @dataclass(frozen=True)
@@ -47,15 +55,37 @@ class TraceJob:
     kind: WorkloadKind
 
 
+@dataclass(frozen=True)
+class MalformedRow:
+    """A row that was skipped as malformed: its 1-based line number and why."""
+
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.reason}"
+
+
 @dataclass
 class JobTrace:
     jobs: list[TraceJob]
     num_rows: int
     skipped: Counter = field(default_factory=Counter)
+    # rows skipped as malformed (counted in `skipped` too), and the first
+    # MAX_MALFORMED_EXAMPLES of them with their line numbers and reasons
+    num_malformed: int = 0
+    malformed: list[MalformedRow] = field(default_factory=list)
 
     @property
     def rows_skipped(self) -> int:
         return sum(self.skipped.values())
+
+    def malformed_summary(self, limit: int = 5) -> str:
+        """The first ``limit`` malformed rows, e.g. ``line 17: gpu_milli 'xyz'
+        is not a number; line 40: ...``; "" when there were none."""
+        shown = "; ".join(str(m) for m in self.malformed[:limit])
+        more = self.num_malformed - min(limit, len(self.malformed))
+        return shown + (f"; and {more} more" if more > 0 else "")
 
 
 @dataclass(frozen=True)
@@ -69,10 +99,24 @@ class AvailabilitySeries:
         return max(self.counts, default=0)
 
 
-def _number(value: str) -> float:
-    number = float(value)
+def _short(value: object, limit: int = 40) -> str:
+    # The value as a row's reason quotes it, cut to a readable length.
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _number(row: dict[str, str], column: str) -> float:
+    """The finite number in ``row[column]``; ValueError naming the column and
+    the bad value otherwise."""
+    value = row[column]
+    if not value.strip():
+        raise ValueError(f"{column} is missing")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{column} {_short(value)} is not a number") from None
     if not math.isfinite(number):
-        raise ValueError(value)
+        raise ValueError(f"{column} {_short(value)} is not a finite number")
     return number
 
 
@@ -89,7 +133,19 @@ def load_gpu_jobs(path: str | Path, *, max_duration_s: float) -> JobTrace:
         )
     jobs: list[TraceJob] = []
     skipped: Counter = Counter()
-    num_rows = 0
+    malformed: list[MalformedRow] = []
+    num_rows = num_malformed = 0
+
+    def skip(reason: str, line: int | None = None, why: str = "") -> None:
+        # `line` is given for malformed rows only: they are kept as examples
+        nonlocal num_malformed
+        skipped[reason] += 1
+        if line is None:
+            return
+        num_malformed += 1
+        if len(malformed) < MAX_MALFORMED_EXAMPLES:
+            malformed.append(MalformedRow(line, why))
+
     # One row per line, each parsed on its own: the format has no multi-line
     # fields, and a stray quote must cost its own row, not swallow the rest of
     # the file into one field. Undecodable bytes become U+FFFD, so such a row
@@ -102,40 +158,55 @@ def load_gpu_jobs(path: str | Path, *, max_duration_s: float) -> JobTrace:
                 f"job trace {str(path)!r} lacks column(s) {', '.join(missing)}; "
                 f"expected the pod-list format with {', '.join(JOB_COLUMNS)}"
             )
-        for line in f:
-            if not line.strip():
-                continue
+        for line, cells in csv_rows(f, first_line=2):
             num_rows += 1
-            cells = csv_line(line)
             if cells is None:
-                skipped["malformed row (unbalanced quotes)"] += 1
+                skip("malformed row (unbalanced quotes)", line, "unbalanced quotes")
                 continue
             if len(cells) != len(header):
-                skipped["malformed row (wrong number of fields)"] += 1
+                skip(
+                    "malformed row (wrong number of fields)",
+                    line,
+                    f"{len(cells)} fields, expected {len(header)}",
+                )
                 continue
-            reason, job = _parse_job(
-                dict(zip(header, cells, strict=True)), max_duration_s
-            )
+            try:
+                reason, job = _parse_job(
+                    dict(zip(header, cells, strict=True)), max_duration_s
+                )
+            except ValueError as e:
+                skip(MALFORMED_NUMBER, line, str(e))
+                continue
             if job is None:
-                skipped[reason] += 1
+                skip(reason)
             else:
                 jobs.append(job)
     jobs.sort(key=lambda j: (j.arrival_s, j.name))
-    return JobTrace(jobs=jobs, num_rows=num_rows, skipped=skipped)
+    return JobTrace(
+        jobs=jobs,
+        num_rows=num_rows,
+        skipped=skipped,
+        num_malformed=num_malformed,
+        malformed=malformed,
+    )
 
 
 def _parse_job(
     row: dict[str, str], max_duration_s: float
 ) -> tuple[str, TraceJob | None]:
+    """``("", job)``, or ``(reason, None)`` for a well-formed row that cannot
+    be used.
+
+    Raises:
+        ValueError: a number does not parse (the message names the column and
+            the value).
+    """
     if not (row.get("scheduled_time") or "").strip():
         return "never scheduled (no scheduled_time, so no duration)", None
-    try:
-        num_gpu = int(_number(row["num_gpu"]))
-        gpu_milli = _number(row["gpu_milli"])
-        created = _number(row["creation_time"])
-        duration = _number(row["deletion_time"]) - _number(row["scheduled_time"])
-    except (TypeError, ValueError):
-        return "malformed number", None
+    num_gpu = int(_number(row, "num_gpu"))
+    gpu_milli = _number(row, "gpu_milli")
+    created = _number(row, "creation_time")
+    duration = _number(row, "deletion_time") - _number(row, "scheduled_time")
     if num_gpu <= 0:
         return "asks no GPU", None
     if duration <= 0:
@@ -155,59 +226,176 @@ def _parse_job(
 
 # Shortest spacing of an availability series' counts (the real ones use 300 s).
 MIN_GAP_S = 1.0
+# The files of a folder of series, and what each holds.
+SERIES_PATTERN = "*.json"
+SERIES_FORMAT = '{"metadata": {"gap_seconds": 300}, "data": [n_live, ...]}'
 
 
-def load_availability(path: str | Path) -> tuple[list[AvailabilitySeries], Counter]:
+class Availability(NamedTuple):
+    """What `load_availability` read.
+
+    Attributes:
+        series: the usable series, sorted by name.
+        skipped: unusable entries counted by reason (a negative or non-integer
+            count is replaced by the previous count and counted here).
+        problems: each file skipped or patched, named with what is wrong
+            (``"b.json: no 'gap_seconds' field in its metadata"``), at most
+            `MAX_MALFORMED_EXAMPLES`.
+    """
+
+    series: list[AvailabilitySeries]
+    skipped: Counter
+    problems: list[str]
+
+
+class _BadSeriesFile(ValueError):
+    """A series file that cannot be used; ``args[0]`` is the reason counted,
+    ``detail`` what the user reads about the file."""
+
+    def __init__(self, reason: str, detail: str | None = None) -> None:
+        super().__init__(reason)
+        self.detail = detail or reason
+
+
+def _read_series_file(file: Path) -> tuple[float, list]:
+    """``(gap_s, raw counts)`` of one series file.
+
+    Raises:
+        _BadSeriesFile: the file cannot be read or is not in the format.
+    """
+    if not file.is_file():
+        raise _BadSeriesFile("not a file")
+    try:
+        doc = json.loads(file.read_bytes())
+    except OSError as e:
+        raise _BadSeriesFile(f"cannot be read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise _BadSeriesFile(
+            "not UTF-8 text", f"not UTF-8 text (byte {e.start})"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise _BadSeriesFile(
+            f"not JSON: {e.msg}",
+            f"not JSON ({e.msg} at line {e.lineno} column {e.colno})",
+        ) from None
+    if not isinstance(doc, dict):
+        raise _BadSeriesFile(
+            "top level not a JSON object",
+            f"top level is a {type(doc).__name__}, not a JSON object",
+        )
+    metadata = doc.get("metadata")
+    if not isinstance(metadata, dict):
+        raise _BadSeriesFile(
+            "no 'metadata' object",
+            "no 'metadata' object"
+            if metadata is None
+            else f"'metadata' is {_short(metadata)}, not a JSON object",
+        )
+    if "gap_seconds" not in metadata:
+        raise _BadSeriesFile(
+            "no 'gap_seconds' field", "no 'gap_seconds' field in its metadata"
+        )
+    gap = metadata["gap_seconds"]
+    try:
+        gap_s = math.nan if isinstance(gap, bool) else float(gap)
+    except (TypeError, ValueError, OverflowError):
+        gap_s = math.nan
+    if not (math.isfinite(gap_s) and gap_s >= MIN_GAP_S):
+        raise _BadSeriesFile(
+            f"gap_seconds {_short(gap)} is not a number >= {MIN_GAP_S:g}"
+        )
+    if "data" not in doc:
+        raise _BadSeriesFile("no 'data' field")
+    raw = doc["data"]
+    if not isinstance(raw, list):
+        raise _BadSeriesFile(
+            "'data' is not a list of live counts",
+            f"'data' is {_short(raw)}, not a list of live counts",
+        )
+    return gap_s, raw
+
+
+def load_availability(path: str | Path) -> Availability:
     """Read one availability JSON, or every ``*.json`` in a directory.
 
     Returns:
-        ``(series, skipped)``: the usable series (sorted by name) and counts of
-        unusable entries by reason (a negative or non-integer count is
-        replaced by the previous count and counted here).
+        `Availability`: the usable series, the unusable entries counted by
+        reason, and the files skipped or patched with their problems.
 
     Raises:
-        ConfigError: the path holds no usable series.
+        ConfigError: the path does not exist, is a folder without series
+            files, or holds no usable series (the error names each file and
+            what is wrong with it).
     """
     path = Path(path)
-    files = sorted(path.glob("*.json")) if path.is_dir() else [path]
-    if not files or not all(f.is_file() for f in files):
+    if path.is_dir():
+        files = sorted(path.glob(SERIES_PATTERN))
+        if not files:
+            others = sorted(p.name for p in path.iterdir())
+            held = (
+                f", only {', '.join(repr(n) for n in others[:3])}"
+                f"{f' and {len(others) - 3} more' if len(others) > 3 else ''}"
+                if others
+                else " (it is empty)"
+            )
+            raise ConfigError(
+                f"availability folder {str(path)!r} holds no series files "
+                f"{SERIES_PATTERN}{held}; pass a folder of provider-churn JSON "
+                f"series or one such file, each {SERIES_FORMAT}"
+            )
+    elif path.is_file():
+        files = [path]
+    else:
         raise ConfigError(
-            f"availability {str(path)!r} is neither a JSON file nor a directory of "
-            "them; pass the provider-churn JSON series"
+            f"availability {str(path)!r} does not exist; pass a provider-churn "
+            f"JSON series ({SERIES_FORMAT}) or a folder of them"
         )
-    series, skipped = [], Counter()
+    series: list[AvailabilitySeries] = []
+    skipped: Counter = Counter()
+    problems: list[str] = []
+    num_problems = 0
+
+    def problem(text: str) -> None:
+        nonlocal num_problems
+        num_problems += 1
+        if len(problems) < MAX_MALFORMED_EXAMPLES:
+            problems.append(text)
+
     for file in files:
         try:
-            doc = json.loads(file.read_text())
-            gap_s = float(doc["metadata"]["gap_seconds"])
-            raw = doc["data"]
-            if not (math.isfinite(gap_s) and gap_s >= MIN_GAP_S):
-                raise ValueError(
-                    f"gap_seconds {gap_s!r} is not a number >= {MIN_GAP_S:g}"
-                )
-            if not isinstance(raw, list):
-                raise ValueError("'data' is not a list of live counts")
-        except KeyError as e:
-            skipped[f"unreadable series file (no {e} field)"] += 1
+            gap_s, raw = _read_series_file(file)
+        except _BadSeriesFile as e:
+            skipped[f"unreadable series file ({e})"] += 1
+            problem(f"{file.name}: {e.detail}")
             continue
-        except (OSError, ValueError, TypeError) as e:
-            why = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
-            skipped[f"unreadable series file ({e.__class__.__name__}: {why})"] += 1
-            continue
-        counts, previous = [], 0
-        for value in raw:
+        counts, previous, bad = [], 0, []
+        for i, value in enumerate(raw):
             if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                 previous = value
             else:
                 skipped["bad live count (kept the previous one)"] += 1
+                bad.append((i, value))
             counts.append(previous)
+        if bad:
+            i, value = bad[0]
+            problem(
+                f"{file.name}: {len(bad)} bad live count(s) kept the previous one, "
+                f"first data[{i}] = {_short(value)} (not an integer >= 0)"
+            )
         if max(counts, default=0) == 0:
             skipped["series never has a live machine"] += 1
+            problem(
+                f"{file.name}: never has a live machine"
+                + (f" (all {len(counts)} counts are 0)" if counts else " (no counts)")
+            )
             continue
         series.append(AvailabilitySeries(file.stem, gap_s, tuple(counts)))
     if not series:
-        reasons = "; ".join(f"{n} x {why}" for why, n in skipped.most_common(5))
+        listed = "; ".join(problems[:5])
+        if num_problems > 5:
+            listed += f"; and {num_problems - 5} more"
         raise ConfigError(
-            f"no usable availability series under {str(path)!r}: {reasons}"
+            f"no usable availability series under {str(path)!r}: {listed}; each "
+            f"file must hold {SERIES_FORMAT} with a live machine at some point"
         )
-    return series, skipped
+    return Availability(series, skipped, problems)

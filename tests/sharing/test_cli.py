@@ -67,8 +67,12 @@ def cluster(tmp_path_factory):
     )  # fmt: skip
     assert up.returncode == 0, up.stdout + up.stderr
     yield env
+    # Providers that joined and never left (lab-a, lab-dup when the whole
+    # module runs) go down with the cluster, and so do their records.
+    records = Path(env["RAYSYS_STATE_DIR"]) / "providers"
     down = _raysys("down", env=env)
     assert down.returncode == 0, down.stderr
+    assert sorted(p.name for p in records.glob("*")) == []
 
 
 def test_join_status_leave(cluster, tmp_path):
@@ -205,6 +209,39 @@ def test_join_status_leave(cluster, tmp_path):
         env,
     )
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+
+
+def test_a_taken_provider_name_is_refused(cluster):
+    env = cluster
+    state_dir = Path(env["RAYSYS_STATE_DIR"])
+    joined = _raysys(
+        "provider", "join", "--name", "lab-dup", "--gpus", "2", "--object-store-mb", "128",
+        "--controller", CONTROLLER, env=env,
+    )  # fmt: skip
+    assert joined.returncode == 0, joined.stdout + joined.stderr
+    node_id = joined.stdout.split("joined: node ")[1].split(",")[0]
+    record = (state_dir / "providers" / "lab-dup.json").read_text()
+    cluster_state = (state_dir / "local-cluster.json").read_text()
+
+    again = _raysys(
+        "provider", "join", "--name", "lab-dup", "--gpus", "1", "--object-store-mb", "128",
+        "--controller", CONTROLLER, env=env,
+    )  # fmt: skip
+    assert again.returncode == 2, again.stdout + again.stderr
+    assert again.stdout == ""
+    assert (
+        f"error: provider name 'lab-dup' is already in use by node {node_id}"
+        in again.stderr
+    )
+    # nothing of the first provider changed, and no second node started
+    assert (state_dir / "providers" / "lab-dup.json").read_text() == record
+    assert (state_dir / "local-cluster.json").read_text() == cluster_state
+    status = _raysys("status", env=env)
+    rows = [line.split() for line in status.stdout.splitlines()]
+    assert [r[:4] for r in rows if r and r[0] == "lab-dup"] == [
+        ["lab-dup", "true", "2", "2"]
+    ]
+    # lab-dup stays: `raysys down` at the end of the module takes it with it
 
 
 @pytest.mark.parametrize(

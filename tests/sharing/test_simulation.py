@@ -159,3 +159,62 @@ def test_trace_job_refuses_clashing_plot_paths_and_more_labs_than_providers(
     ]:
         with pytest.raises(ValueError, match=complaint):
             make(**fields)
+
+
+def test_trace_job_logs_malformed_rows_bad_series_and_rounded_waits(tmp_path, caplog):
+    """One provider with one GPU, always present; three interactive 1-GPU jobs
+    arrive together and run 1000.123 s each, so they wait 0, 1000.123 and
+    2000.246 s: p50 1000.123 s, p95 1000.123 + 0.9 * 1000.123 = 1900.2337 s."""
+    import logging
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "jobs"))
+    import sharing_trace
+
+    pods = tmp_path / "pods.csv"
+    rows = [f"job-{i},1,1,1,1000,,LS,Running,0,1000.123,0" for i in range(3)] + [
+        "bad,1,1,1,xyz,,LS,Running,0,10,0"
+    ]
+    pods.write_text(
+        "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,qos,pod_phase,"
+        "creation_time,deletion_time,scheduled_time\n" + "\n".join(rows) + "\n"
+    )
+    series = tmp_path / "series"
+    series.mkdir()
+    (series / "pool.json").write_text(
+        json.dumps({"metadata": {"gap_seconds": 300}, "data": [1] * 12})
+    )
+    (series / "broken.json").write_text('{"metadata": {}, "data": [1]}')
+    cfg = sharing_trace.TraceConfig(
+        jobs=pods,
+        availability=series,
+        providers=1,
+        provider_gpus=[1],
+        labs=1,
+        arrival_speedup=1.0,
+        policies=["share-migrate"],
+        out=tmp_path / "r.json",
+    )
+    with caplog.at_level(logging.INFO, logger="sharing_trace"):
+        report = sharing_trace.main(cfg)
+    (result,) = report.results
+    assert result.interactive_wait_p50_s == pytest.approx(1000.123)
+    assert result.interactive_wait_p95_s == pytest.approx(1900.2337)
+    assert report.malformed_rows == [
+        {"line": 5, "reason": "gpu_milli 'xyz' is not a number"}
+    ]
+    assert report.availability_problems == [
+        "broken.json: no 'gap_seconds' field in its metadata"
+    ]
+    messages = [r.getMessage() for r in caplog.records]
+    assert (
+        f"job trace {pods}: skipped 1 malformed row(s): "
+        "line 5: gpu_milli 'xyz' is not a number"
+    ) in messages
+    assert (
+        f"availability {series}, not used as is: "
+        "broken.json: no 'gap_seconds' field in its metadata"
+    ) in messages
+    (line,) = [m for m in messages if m.startswith("share-migrate:")]
+    assert "interactive wait p50 1000.1 s, p95 1900.2 s (simulated in" in line
