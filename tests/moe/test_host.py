@@ -9,6 +9,7 @@ import shutil
 import pytest
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raysys.models.hf import Checkpoint, save_model
 from raysys.moe.engine import PRETRAINED
@@ -219,13 +220,20 @@ def test_experts_of_a_host_on_another_node_arrive_and_survive_its_node(
     """Gets pull experts from another node; when it goes, its host is replaced."""
     node = add_provider("moe-host-node", num_gpus=0.0)
     store = ExpertCheckpointStore(TARGET)
-    pool = ExpertHostPool(str(TARGET), store.config, num_hosts=2, timeout_s=60)
+    # Soft affinity: hosts start on the added node, replacements go elsewhere.
+    pool = ExpertHostPool(
+        str(TARGET),
+        store.config,
+        num_hosts=2,
+        timeout_s=60,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=True),
+    )
     try:
         here = ray.get_runtime_context().get_node_id()
-        # SPREAD places the hosts over both nodes, or both on the emptier one.
-        away = [i["host_idx"] for i in pool.host_info() if i["node_id"] != here]
-        assert away, "no expert host was placed on the added node"
-        host_idx = away[0]
+        # Soft affinity is a preference Ray may overrule for some of the hosts.
+        away = [i["host_idx"] for i in pool.host_info() if i["node_id"] == node.node_id]
+        assert away and node.node_id != here, "no host was placed on the added node"
+        host_idx = away[-1]
         *pulled, unpulled = pool.shards[host_idx]
         for key in pulled:  # copied into this node's object store
             got = pool.fetch(key)
@@ -236,6 +244,7 @@ def test_experts_of_a_host_on_another_node_arrive_and_survive_its_node(
         got = pool.fetch(unpulled)
         assert torch.equal(got.weights.w2, store.read_expert(*unpulled).w2.float())
         assert pool.num_replacements[host_idx] == 1
+        assert pool.host_info()[host_idx]["node_id"] != node.node_id
         got = pool.fetch(pulled[0])  # from the replacement
         assert torch.equal(got.weights.w3, store.read_expert(*pulled[0]).w3.float())
     finally:

@@ -51,9 +51,9 @@ def test_only_a_graceful_stop_lets_handlers_run(
     signals = []
     real_kill = os.kill
 
-    def kill(pid, sig):
-        assert pid == child.pid
-        signals.append(sig)
+    def kill(pid, sig):  # os.kill of the whole process: Ray's threads pass through
+        if pid == child.pid:
+            signals.append(sig)
         real_kill(pid, sig)
 
     monkeypatch.setattr(local_cluster.os, "kill", kill)
