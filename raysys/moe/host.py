@@ -27,7 +27,6 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import ray
@@ -128,8 +127,6 @@ class ExpertHostPool:
         num_hosts: number of host actors the experts are sharded over.
         timeout_s: bound on starting a host and on each fetch (retries included).
         max_replacements: replacements per host before a fetch fails for good.
-        scheduling_strategy: where hosts (and their replacements) are placed;
-            by default spread over the nodes.
     """
 
     def __init__(
@@ -141,10 +138,8 @@ class ExpertHostPool:
         timeout_s: float = 60.0,
         max_replacements: int = 5,
         dtype: torch.dtype = torch.float32,
-        scheduling_strategy: Any = "SPREAD",
     ) -> None:
         self.store_uri = store_uri
-        self.scheduling_strategy = scheduling_strategy
         self.config = config
         self.timeout_s = timeout_s
         self.max_replacements = max_replacements
@@ -205,7 +200,7 @@ class ExpertHostPool:
                 )
 
     def _start(self, host_idx: int):
-        return ExpertHost.options(scheduling_strategy=self.scheduling_strategy).remote(
+        return ExpertHost.options(scheduling_strategy="SPREAD").remote(
             self.store_uri, self.shards[host_idx], host_idx
         )
 

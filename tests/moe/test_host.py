@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import pytest
 import ray
@@ -15,6 +16,7 @@ from raysys.models.hf import Checkpoint, save_model
 from raysys.moe.engine import PRETRAINED
 from raysys.moe.host import (
     ExpertFetchError,
+    ExpertHost,
     ExpertHostPool,
     pack_expert,
     shard_experts,
@@ -214,37 +216,56 @@ def test_a_replacement_that_cannot_load_its_shard_fails_at_once(ray_cluster, tmp
         pool.close()
 
 
+class _PoolStartingOn(ExpertHostPool):
+    """Starts its hosts on one node while that node lives; Ray places the rest."""
+
+    def __init__(self, node_id: str, *args, **kwargs) -> None:
+        self.node_id = node_id
+        super().__init__(*args, **kwargs)
+
+    def _start(self, host_idx: int):
+        alive = any(n["NodeID"] == self.node_id and n["Alive"] for n in ray.nodes())
+        where = (
+            NodeAffinitySchedulingStrategy(self.node_id, soft=False)
+            if alive
+            else "SPREAD"
+        )
+        return ExpertHost.options(scheduling_strategy=where).remote(
+            self.store_uri, self.shards[host_idx], host_idx
+        )
+
+
 def test_experts_of_a_host_on_another_node_arrive_and_survive_its_node(
     ray_cluster, add_provider
 ):
     """Gets pull experts from another node; when it goes, its host is replaced."""
     node = add_provider("moe-host-node", num_gpus=0.0)
     store = ExpertCheckpointStore(TARGET)
-    # Soft affinity: hosts start on the added node, replacements go elsewhere.
-    pool = ExpertHostPool(
-        str(TARGET),
-        store.config,
-        num_hosts=2,
-        timeout_s=60,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=True),
+    pool = _PoolStartingOn(
+        node.node_id, str(TARGET), store.config, num_hosts=2, timeout_s=60
     )
     try:
         here = ray.get_runtime_context().get_node_id()
-        # Soft affinity is a preference Ray may overrule for some of the hosts.
-        away = [i["host_idx"] for i in pool.host_info() if i["node_id"] == node.node_id]
-        assert away and node.node_id != here, "no host was placed on the added node"
-        host_idx = away[-1]
+        placed = [i["node_id"] for i in pool.host_info()]
+        assert placed == [node.node_id, node.node_id] and node.node_id != here
+        host_idx = 1
         *pulled, unpulled = pool.shards[host_idx]
         for key in pulled:  # copied into this node's object store
             got = pool.fetch(key)
             assert torch.equal(got.weights.w1, store.read_expert(*key).w1.float())
         ray_cluster.remove_node(node)
-        # Never fetched, so only its dead owner had it: the get fails once Ray
-        # learns the node is gone, and a replacement host serves it.
+        # Until Ray marks the node dead, it could still take the replacement.
+        deadline = time.monotonic() + 60
+        while any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()):
+            assert time.monotonic() < deadline, "the removed node never died"
+            time.sleep(0.2)
+        # Never fetched, so only its dead owner had it: the get fails now that
+        # Ray knows the node is gone, and a replacement host serves it.
         got = pool.fetch(unpulled)
         assert torch.equal(got.weights.w2, store.read_expert(*unpulled).w2.float())
         assert pool.num_replacements[host_idx] == 1
-        assert pool.host_info()[host_idx]["node_id"] != node.node_id
+        info = ray.get(pool.hosts[host_idx].info.remote(), timeout=60)
+        assert info["node_id"] not in (node.node_id, None)
         got = pool.fetch(pulled[0])  # from the replacement
         assert torch.equal(got.weights.w3, store.read_expert(*pulled[0]).w3.float())
     finally:

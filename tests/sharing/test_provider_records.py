@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import ray
 
 from raysys.runtime import local_cluster
 
@@ -68,6 +69,10 @@ def test_join_refuses_a_name_a_live_node_carries(state_dir, monkeypatch, capsys)
         "Labels": {local_cluster.PROVIDER_LABEL: "lab-a"},
     }
     monkeypatch.setattr(cli, "_connect", lambda address, state: None)
+    # The join disconnects when it ends; this process's driver must stay (the
+    # test session shares it).
+    disconnects = []
+    monkeypatch.setattr(ray, "shutdown", lambda: disconnects.append(True))
     monkeypatch.setattr(
         cli, "_provider_nodes", lambda name: [node] if name == "lab-a" else []
     )
@@ -87,3 +92,4 @@ def test_join_refuses_a_name_a_live_node_carries(state_dir, monkeypatch, capsys)
         "back first with `raysys provider leave --name lab-a`\n"
     )
     assert (state_dir / "providers" / "lab-a.json").read_text() == before
+    assert disconnects == [True]
