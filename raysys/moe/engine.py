@@ -56,6 +56,7 @@ from raysys.moe.speculative import (
 from raysys.moe.store import ExpertCheckpointStore
 from raysys.runtime import Config, ConfigError, init_ray
 from raysys.runtime.config import is_whole_number
+from raysys.runtime.errors import RaysysError
 
 logger = logging.getLogger(__name__)
 
@@ -243,6 +244,10 @@ class _EngineHooks(DecodeHooks):
             self.predictor.score_round(routings)
 
 
+class EngineClosed(RaysysError):
+    """The engine was closed: its hosts and fetch thread are gone."""
+
+
 class MoEEngine:
     """Speculative MoE inference with expert prefetching over Ray expert hosts.
 
@@ -258,6 +263,7 @@ class MoEEngine:
 
     def __init__(self, config: MoEEngineConfig) -> None:
         self.config = config
+        self.closed = False
         torch.set_num_threads(config.num_threads)
         self.tokenizer = ByteTokenizer()
         self.draft, self.target = self._load_pair(config)
@@ -401,6 +407,7 @@ class MoEEngine:
             ConfigError: unknown mode, a cutoff beyond the layer count or a
                 draft length outside [1, 16]; the engine is then unchanged.
         """
+        self._check_open()
         if mode not in MODES:
             raise ConfigError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         if draft_length is not None:
@@ -441,6 +448,7 @@ class MoEEngine:
         every layer, but prefetches nothing (so it also measures what on-demand
         fetching misses).
         """
+        self._check_open()
         mode, self.mode = self.mode, "sd-prefetch"
         self.cutoff = 0
         self._calibrating = True
@@ -508,6 +516,8 @@ class MoEEngine:
         ids = self._check_ids(
             self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
         )
+        if stop_ids is not None:
+            stop_ids = self._check_stop_ids(stop_ids)
         limit = self.target.config.max_position_embeddings - max_new_tokens
         prompt_tokens = len(ids)
         if len(ids) > limit:
@@ -594,9 +604,19 @@ class MoEEngine:
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> GenerationReport:
         """Generate for each prompt in the current mode; one report over all."""
         self._check_budget(max_new_tokens)
+        if isinstance(prompts, str | bytes):
+            raise ConfigError(
+                f"prompts is one {type(prompts).__name__}, not a list of prompts; "
+                "pass [prompt]"
+            )
         if not prompts:
             raise ConfigError("no prompts given; pass at least one prompt")
         for i, p in enumerate(prompts):  # every prompt is checked before any work
+            if not isinstance(p, str):
+                raise ConfigError(
+                    f"prompt {i} is {p!r}, a {type(p).__name__}, not text; "
+                    "generate_ids takes token ids"
+                )
             try:
                 self.tokenizer.encode(p)
             except UnicodeEncodeError as e:
@@ -637,7 +657,31 @@ class MoEEngine:
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
+    def _check_stop_ids(self, stop_ids: Sequence[int]) -> tuple[int, ...]:
+        vocab = self.target.config.vocab_size
+        ids = stop_ids.tolist() if hasattr(stop_ids, "tolist") else stop_ids
+        if isinstance(ids, str | bytes) or not hasattr(ids, "__iter__"):
+            raise ConfigError(f"stop_ids is {stop_ids!r}; give a list of token ids")
+        ids = list(ids)
+        for i, token in enumerate(ids):
+            if not is_whole_number(token) or not 0 <= token < vocab:
+                raise ConfigError(
+                    f"stop_ids[{i}] is {token!r}; give token ids in [0, {vocab})"
+                )
+        return tuple(int(t) for t in ids)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise EngineClosed(
+                "the engine is closed (its expert hosts are stopped); build a new one"
+            )
+
     def _check_budget(self, max_new_tokens: int) -> None:
+        self._check_open()
+        if not is_whole_number(max_new_tokens):
+            raise ConfigError(
+                f"max_new_tokens must be a whole number, got {max_new_tokens!r}"
+            )
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         positions = self.target.config.max_position_embeddings
@@ -772,6 +816,7 @@ class MoEEngine:
             ConfigError: capacity below one expert, above the model's experts,
                 or (``layer-lru``) below one slot per layer.
         """
+        self._check_open()
         if not is_whole_number(capacity) or not 1 <= capacity <= self.num_experts_total:
             raise ConfigError(
                 f"cache capacity must be 1 to {self.num_experts_total} experts (the "
@@ -789,7 +834,8 @@ class MoEEngine:
         logger.info("expert cache resized to %d experts", capacity)
 
     def close(self) -> None:
-        """Stop the fetch thread and the expert hosts."""
+        """Stop the fetch thread and the expert hosts; later calls are refused."""
+        self.closed = True
         self.fetcher.close()
         self.pool.close()
 

@@ -251,6 +251,52 @@ def test_direct_calls_check_the_budget_and_the_token_ids(engine):
             engine.generate_ids([65, bad], 4)
 
 
+def test_prompts_budgets_and_stop_ids_of_the_wrong_kind_are_named(engine):
+    with pytest.raises(ConfigError, match="prompts is one str, not a list"):
+        engine.generate("abc", 4)  # would be three one-character prompts
+    for bad in (123, b"abc", None):
+        with pytest.raises(ConfigError, match=rf"prompt 1 is {bad!r}, a \w+, not text"):
+            engine.generate(["x", bad], 4)
+    for budget in (2.5, 4.0, "4", True):
+        with pytest.raises(ConfigError, match="max_new_tokens must be a whole number"):
+            engine.generate(["x"], budget)
+        with pytest.raises(ConfigError, match="max_new_tokens must be a whole number"):
+            engine.generate_ids([65], budget)
+    vocab = engine.target.config.vocab_size
+    for stop, where in (
+        ("ab", " is 'ab'"),
+        ([1, vocab], r"\[1\] is"),
+        ([1.5], r"\[0\]"),
+    ):
+        with pytest.raises(ConfigError, match=f"stop_ids{where}"):
+            engine.generate_ids([65], 4, stop_ids=stop)
+    # A stop id that is one of the greedy tokens ends the sequence there.
+    engine.set_mode("ar")
+    free = engine.generate_ids([65, 66], 6, stop_ids=[], seed=0).trace.tokens
+    assert len(free) == 6
+    stopped = engine.generate_ids([65, 66], 6, stop_ids=[free[2]], seed=0)
+    assert stopped.trace.tokens == free[: free.index(free[2]) + 1]
+    assert stopped.trace.stopped
+
+
+def test_a_closed_engine_refuses_at_once(ray_cluster):
+    from raysys.moe.engine import EngineClosed
+
+    eng = MoEEngine(MoEEngineConfig(mode="ar", cache_experts=8))
+    eng.close()
+    calls = [
+        lambda: eng.generate(["x"], 4),
+        lambda: eng.generate_ids([65], 4),
+        lambda: eng.run_sequence("x", 4, seed=0),
+        lambda: eng.set_mode("sd"),
+        lambda: eng.resize_cache(4),
+        lambda: eng.calibrate(),
+    ]
+    for call in calls:  # not after the fetch bound (a minute)
+        with pytest.raises(EngineClosed, match="the engine is closed"):
+            call()
+
+
 def test_numpy_and_torch_token_ids_are_served_like_ints(engine):
     # Ids from an array, a tensor or a Ray object are numpy or torch integers.
     import numpy as np
