@@ -39,10 +39,11 @@ class RequestRecord:
         return self.first_token_s - self.arrival_s
 
     @property
-    def tpot_s(self) -> float:
-        """Mean time per output token after the first (0 for one-token outputs)."""
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first (None for one-token
+        outputs: they have no time per output token, so no TPOT to miss)."""
         if self.output_tokens <= 1:
-            return 0.0
+            return None
         return (self.finish_s - self.first_token_s) / (self.output_tokens - 1)
 
     @property
@@ -52,7 +53,9 @@ class RequestRecord:
     def meets(self, slo: SloTargets) -> bool:
         """Completed within both the TTFT and the TPOT target."""
         return (
-            self.completed and self.ttft_s <= slo.ttft_s and self.tpot_s <= slo.tpot_s
+            self.completed
+            and self.ttft_s <= slo.ttft_s
+            and (self.tpot_s is None or self.tpot_s <= slo.tpot_s)
         )
 
 
@@ -116,14 +119,14 @@ class SloSummary(BaseModel):
     num_handoffs: int
 
 
-def _percentile(values: Sequence[float], q: float) -> float | None:
-    values = [v for v in values if math.isfinite(v)]
+def _percentile(values: Sequence[float | None], q: float) -> float | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
     return float(np.percentile(values, q)) if values else None
 
 
 def summarize(records: Sequence[RequestRecord], slo: SloTargets) -> SloSummary:
     """Attainment (share of all requests that met both SLOs) and percentiles of
-    the completed requests."""
+    the completed requests (TPOT of those with more than one output token)."""
     done = [r for r in records if r.completed]
     return SloSummary(
         num_requests=len(records),
@@ -155,7 +158,11 @@ def request_reports(
             prompt_tokens=r.prompt_tokens,
             output_tokens=r.output_tokens,
             ttft_s=_finite_or_none(r.ttft_s),
-            tpot_s=_finite_or_none(r.tpot_s) if r.completed else None,
+            tpot_s=(
+                _finite_or_none(r.tpot_s)
+                if r.completed and r.tpot_s is not None
+                else None
+            ),
             finish_s=_finite_or_none(r.finish_s),
             prefill_instance=r.prefill_instance,
             decode_instance=r.decode_instance,

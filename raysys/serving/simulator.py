@@ -292,7 +292,7 @@ class Simulator:
         record.finish_s = self.now
         inst.kv_used -= job.kv_tokens
         self.num_finished += 1
-        if record.tpot_s > self.slo.tpot_s:
+        if record.tpot_s is not None and record.tpot_s > self.slo.tpot_s:
             self._violate(record)
 
     # -- the local scheduler ---------------------------------------------------

@@ -140,9 +140,11 @@ class Trace:
     def clipped(self, max_total_tokens: int) -> tuple[Trace, int]:
         """Requests cut to fit a model context of ``max_total_tokens``.
 
-        A prompt is cut to at most ``max_total_tokens - 1`` tokens and its
-        output to what the context still holds after it. Returns the new trace
-        and how many requests were cut.
+        A request fits when its prompt and output tokens fit the context (an
+        instance's KV holds them all). One that does not keeps its output up to
+        a sixteenth of the context (at least one token), so it still has a
+        decode phase, and its prompt keeps its last tokens that fit beside it.
+        Returns the new trace and how many requests were cut.
         """
         if max_total_tokens < 2:
             raise ConfigError(
@@ -151,9 +153,13 @@ class Trace:
             )
         num_clipped = 0
         requests = []
+        keep_output = max(1, max_total_tokens // 16)
         for r in self.requests:
-            prompt = min(r.prompt_tokens, max_total_tokens - 1)
-            output = min(r.output_tokens, max_total_tokens - prompt)
+            prompt, output = r.prompt_tokens, r.output_tokens
+            if prompt + output > max_total_tokens:
+                output = min(output, keep_output)
+                prompt = min(prompt, max_total_tokens - output)
+                output = min(r.output_tokens, max_total_tokens - prompt)
             if (prompt, output) != (r.prompt_tokens, r.output_tokens):
                 num_clipped += 1
                 r = replace(r, prompt_tokens=prompt, output_tokens=output)

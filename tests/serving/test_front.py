@@ -409,7 +409,7 @@ def test_stop_tokens_end_requests_early_with_their_own_tpot(arrow_front, model):
     ended_at_once, ended_second = (front.requests[r].record for r in (820, 821))
     # The one that ended on its first token had no decode to place.
     assert ended_at_once.decode_instance == -1 and not ended_at_once.handoff
-    assert ended_at_once.output_tokens == 1 and ended_at_once.tpot_s == 0.0
+    assert ended_at_once.output_tokens == 1 and ended_at_once.tpot_s is None
     assert ended_second.output_tokens == 2
     assert ended_second.tpot_s == pytest.approx(
         ended_second.finish_s - ended_second.first_token_s

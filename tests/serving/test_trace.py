@@ -196,16 +196,21 @@ def test_clipping_to_a_context_counts_cut_requests(tmp_path):
     path = tmp_path / "azure.csv"
     path.write_text(AZURE_ROWS)
     trace, num_clipped = read_azure_csv(path).clipped(400)
-    # (10, 10) fits; (374, 44) -> (374, 26); (396, 109) -> (396, 4);
-    # (879, 55) -> (399, 1)
+    # A cut request keeps up to 400 // 16 = 25 output tokens, its prompt the
+    # room left, and its output whatever room the prompt leaves. (10, 10) fits;
+    # (374, 44): the whole prompt fits beside 25, and 26 remain for the output;
+    # (396, 109) and (879, 55) keep their last 375 prompt tokens and 25 outputs.
     assert [(r.prompt_tokens, r.output_tokens) for r in trace] == [
         (10, 10),
         (374, 26),
-        (396, 4),
-        (399, 1),
+        (375, 25),
+        (375, 25),
     ]
     assert num_clipped == 3
     assert all(r.prompt_tokens + r.output_tokens <= 400 for r in trace)
+    # A tiny context still leaves one output token.
+    tiny, _ = read_azure_csv(path).clipped(8)
+    assert [(r.prompt_tokens, r.output_tokens) for r in tiny][1:] == [(7, 1)] * 3
 
 
 def test_shifting_trace_alternates_mixes():
