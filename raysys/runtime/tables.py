@@ -11,6 +11,22 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+# How many malformed rows a reader keeps verbatim for its report (all of them
+# are counted).
+MAX_MALFORMED_EXAMPLES = 20
+
+
+@dataclass(frozen=True)
+class MalformedRow:
+    """A row that was skipped: its 1-based line number and why."""
+
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.reason}"
 
 
 def csv_line(line: str) -> list[str] | None:

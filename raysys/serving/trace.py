@@ -37,12 +37,15 @@ from typing import Any, BinaryIO, TextIO
 import numpy as np
 
 from raysys.runtime.errors import ConfigError
-from raysys.runtime.tables import csv_line, csv_rows
+from raysys.runtime.tables import (
+    MAX_MALFORMED_EXAMPLES,
+    MalformedRow,
+    csv_line,
+    csv_rows,
+)
 
 logger = logging.getLogger(__name__)
 
-# How many malformed rows are kept verbatim in a trace's report.
-MAX_MALFORMED_EXAMPLES = 20
 # The first two bytes of a gzip file.
 GZIP_MAGIC = b"\x1f\x8b"
 # Latest arrival a replay takes (seconds from the start; about 30,000 years).
@@ -66,14 +69,6 @@ class TraceRequest:
     arrival_s: float
     prompt_tokens: int
     output_tokens: int
-
-
-@dataclass(frozen=True)
-class MalformedRow:
-    """A row that was skipped: its 1-based line number and why."""
-
-    line: int
-    reason: str
 
 
 @dataclass

@@ -27,7 +27,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 from raysys.runtime.errors import ConfigError
-from raysys.runtime.tables import csv_line, csv_rows
+from raysys.runtime.tables import (
+    MAX_MALFORMED_EXAMPLES,
+    MalformedRow,
+    csv_line,
+    csv_rows,
+)
 from raysys.sharing.workload import WorkloadKind
 
 JOB_COLUMNS = (
@@ -40,8 +45,6 @@ JOB_COLUMNS = (
     "scheduled_time",
 )
 INTERACTIVE_QOS = frozenset({"LS"})
-# How many malformed rows (and availability problems) are kept verbatim.
-MAX_MALFORMED_EXAMPLES = 20
 # Counted under this reason: a row whose numbers do not parse.
 MALFORMED_NUMBER = "malformed number"
 
@@ -53,17 +56,6 @@ class TraceJob:
     duration_s: float
     gpus: float
     kind: WorkloadKind
-
-
-@dataclass(frozen=True)
-class MalformedRow:
-    """A row that was skipped as malformed: its 1-based line number and why."""
-
-    line: int
-    reason: str
-
-    def __str__(self) -> str:
-        return f"line {self.line}: {self.reason}"
 
 
 @dataclass

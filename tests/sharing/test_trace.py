@@ -7,7 +7,8 @@ import json
 import pytest
 
 from raysys.runtime.errors import ConfigError
-from raysys.sharing.trace import MalformedRow, load_availability, load_gpu_jobs
+from raysys.runtime.tables import MalformedRow
+from raysys.sharing.trace import load_availability, load_gpu_jobs
 from raysys.sharing.workload import WorkloadKind
 
 HEADER = "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,qos,pod_phase,creation_time,deletion_time,scheduled_time\n"
